@@ -1,0 +1,382 @@
+"""Run configuration: one dataclass per concern, a TOML preset, ``--section.key=value`` overrides.
+
+Every field is documented under its definition and validated in ``__post_init__``; an invalid
+value raises :class:`ConfigError` naming the key (``train.batch_size``), the value and what is
+allowed. Values from the command line arrive as strings and are parsed by the field's type:
+``int``, ``float``, ``bool`` (true/false/1/0/yes/no), ``str``, lists as comma-separated items
+(``model.mlp=400,400,400``), ``dict[str, str]`` as ``key:value`` pairs
+(``sharding.tables=C1:row_wise,C2:column_wise``) and optional values as ``none``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+SHARDING_TYPES = (
+    "table_wise",
+    "row_wise",
+    "column_wise",
+    "table_row_wise",
+    "table_column_wise",
+    "data_parallel",
+)
+EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+DEVICES = ("auto", "cpu", "cuda")
+
+CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
+CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key, the value and what is allowed."""
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["data/generated/synthetic/train"])
+    """Training Parquet: file(s), directories (every *.parquet below) or globs."""
+    val: list[str] = field(default_factory=lambda: ["data/generated/synthetic/val"])
+    """Validation Parquet, same forms as ``train``; scored in full at the end of each epoch."""
+    label: str = "label"
+    """Name of the 0/1 label column."""
+    dense: list[str] = field(default_factory=lambda: list(CRITEO_DENSE))
+    """Dense (numeric) columns; nulls become 0, then ``log1p(max(x, 0))``."""
+    sparse: list[str] = field(default_factory=lambda: list(CRITEO_SPARSE))
+    """Categorical columns, one embedding table each (int64 or string values; nulls allowed)."""
+    num_embeddings: int = 100_000
+    """Rows per embedding table; raw ids are hashed into [1, num_embeddings), row 0 holds nulls."""
+    num_embeddings_per_feature: list[int] = field(default_factory=list)
+    """Optional per-column table sizes (same order as ``sparse``); overrides ``num_embeddings``."""
+    hash_seed: int = 0
+    """Salt of the id hash; changing it re-maps every id (and invalidates trained tables)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.train) > 0, "data.train", self.train, "at least one path, directory or glob")
+        _require(len(self.val) > 0, "data.val", self.val, "at least one path, directory or glob")
+        _require(bool(self.label), "data.label", self.label, "a column name")
+        _require(len(self.sparse) > 0, "data.sparse", self.sparse, "at least one categorical column")
+        cols = [self.label, *self.dense, *self.sparse]
+        dup = sorted({c for c in cols if cols.count(c) > 1})
+        _require(not dup, "data.dense/data.sparse", dup, "each column named once (duplicates found)")
+        _require(self.num_embeddings >= 2, "data.num_embeddings", self.num_embeddings, "an integer >= 2")
+        if self.num_embeddings_per_feature:
+            n = len(self.num_embeddings_per_feature)
+            _require(
+                n == len(self.sparse),
+                "data.num_embeddings_per_feature",
+                self.num_embeddings_per_feature,
+                f"one size per sparse column ({len(self.sparse)} values, got {n})",
+            )
+            _require(
+                all(v >= 2 for v in self.num_embeddings_per_feature),
+                "data.num_embeddings_per_feature",
+                self.num_embeddings_per_feature,
+                "sizes >= 2",
+            )
+
+    def table_sizes(self) -> dict[str, int]:
+        """Rows of each sparse column's table, in ``sparse`` order."""
+        sizes = self.num_embeddings_per_feature or [self.num_embeddings] * len(self.sparse)
+        return dict(zip(self.sparse, sizes))
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = 16
+    """D: size of each field vector shared by the FM term and the MLP."""
+    mlp: list[int] = field(default_factory=lambda: [400, 400, 400])
+    """Hidden widths of the deep tower (its input is the F*D concatenated field vectors)."""
+    activation: str = "relu"
+    """Hidden activation of the deep tower: relu, gelu, silu or tanh."""
+    batch_norm: bool = True
+    """BatchNorm1d after each hidden linear layer (before the activation)."""
+    dropout: float = 0.0
+    """Dropout probability after each hidden activation (0 disables it)."""
+    init_std: float = 0.01
+    """Std of the normal initialisation of embedding vectors (first-order weights start at 0)."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.embedding_dim <= 1024, "model.embedding_dim", self.embedding_dim, "an integer in [1, 1024]")
+        _require(all(w >= 1 for w in self.mlp), "model.mlp", self.mlp, "positive layer widths, e.g. 400,400,400")
+        _require(self.activation in ACTIVATIONS, "model.activation", self.activation, f"one of {', '.join(ACTIVATIONS)}")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
+        _require(self.init_std > 0, "model.init_std", self.init_std, "a positive float")
+
+
+@dataclass
+class ShardingConfig:
+    type: str = "auto"
+    """Sharding of every table: auto (the planner chooses) or one of table_wise, row_wise,
+    column_wise, table_row_wise, table_column_wise, data_parallel."""
+    tables: dict[str, str] = field(default_factory=dict)
+    """Per-column override of ``type``, e.g. ``{C1 = "row_wise"}``."""
+    host_memory_gb: float = 0.0
+    """CPU ranks: host memory budget per rank for the planner (0: available RAM / local ranks)."""
+
+    def __post_init__(self) -> None:
+        allowed = ("auto", *SHARDING_TYPES)
+        _require(self.type in allowed, "sharding.type", self.type, f"one of {', '.join(allowed)}")
+        for name, kind in self.tables.items():
+            _require(kind in allowed, f"sharding.tables.{name}", kind, f"one of {', '.join(allowed)}")
+        _require(self.host_memory_gb >= 0, "sharding.host_memory_gb", self.host_memory_gb, "a float >= 0")
+
+
+@dataclass
+class OptimizerConfig:
+    embedding: str = "rowwise_adagrad"
+    """Fused embedding optimizer (applied inside the backward kernel): sgd, adagrad, rowwise_adagrad."""
+    embedding_lr: float = 0.05
+    """Learning rate of the embedding tables."""
+    embedding_eps: float = 1e-8
+    """Epsilon of (row-wise) Adagrad for the tables."""
+    dense: str = "adam"
+    """Optimizer of the dense parameters (MLP, dense-feature embeddings, bias): adam, adagrad, sgd."""
+    dense_lr: float = 1e-3
+    """Learning rate of the dense parameters."""
+    weight_decay: float = 0.0
+    """L2 weight decay of the dense parameters."""
+
+    def __post_init__(self) -> None:
+        _require(self.embedding in EMBEDDING_OPTIMIZERS, "optimizer.embedding", self.embedding, f"one of {', '.join(EMBEDDING_OPTIMIZERS)}")
+        _require(self.dense in DENSE_OPTIMIZERS, "optimizer.dense", self.dense, f"one of {', '.join(DENSE_OPTIMIZERS)}")
+        _require(self.embedding_lr > 0, "optimizer.embedding_lr", self.embedding_lr, "a positive float")
+        _require(self.dense_lr > 0, "optimizer.dense_lr", self.dense_lr, "a positive float")
+        _require(self.embedding_eps > 0, "optimizer.embedding_eps", self.embedding_eps, "a positive float")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a float >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    """Passes over the training data."""
+    batch_size: int = 2048
+    """Per-rank batch size; the global batch is batch_size * world_size."""
+    val_batch_size: int = 0
+    """Per-rank validation batch size (0: same as batch_size)."""
+    max_steps: int = 0
+    """Stop after this many steps in total (0: no cap)."""
+    log_every: int = 20
+    """Print loss and throughput every N steps (each print is a host sync)."""
+    eval_every: int = 0
+    """Also validate every N steps (0: only at the end of each epoch)."""
+    seed: int = 0
+    """Seed of the model initialisation; the same seed gives the same model at any world size."""
+    device: str = "auto"
+    """auto (CUDA with NCCL when GPUs are visible, else CPU with gloo), cpu or cuda."""
+    threads: int = 0
+    """Intra-op threads per rank on CPU (0: cores / local ranks)."""
+    progress: bool = True
+    """tqdm progress bar on rank 0 when attached to a terminal; plain lines otherwise."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
+        _require(self.val_batch_size >= 0, "train.val_batch_size", self.val_batch_size, "an integer >= 0")
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "an integer >= 0")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "a positive integer")
+        _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
+        _require(self.device in DEVICES, "train.device", self.device, f"one of {', '.join(DEVICES)}")
+        _require(self.threads >= 0, "train.threads", self.threads, "an integer >= 0")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = "runs/default"
+    """Where summary.json (and later checkpoints and metrics) go."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")
+        unknown = sorted(set(self.sharding.tables) - set(self.data.sparse))
+        _require(not unknown, "sharding.tables", unknown, f"names of sparse columns ({', '.join(self.data.sparse)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "sharding": ShardingConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+}
+TOP_LEVEL = ("run_dir",)
+
+
+def default_config_path() -> str:
+    """The embedded default preset (``deepfm_dist/configs/default.toml``)."""
+    return os.path.join(os.path.dirname(__file__), "configs", "default.toml")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing values by type
+
+
+def _parse_bool(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}={raw!r}: expected a boolean (true/false)")
+
+
+def _coerce(key: str, tp: Any, raw: Any) -> Any:
+    """Turn ``raw`` (a TOML value or a command-line string) into a value of type ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return _parse_bool(key, raw)
+    if tp is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}={raw!r}: expected an integer")
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected an integer") from None
+    if tp is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}={raw!r}: expected a number")
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        try:
+            return float(str(raw))
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected a number") from None
+    if tp is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key}={raw!r}: expected a string")
+        return raw
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(raw, str):
+            items = [s.strip() for s in raw.split(",") if s.strip()]
+        elif isinstance(raw, list):
+            items = raw
+        else:
+            raise ConfigError(f"{key}={raw!r}: expected a list (comma-separated on the command line)")
+        return [_coerce(key, item_tp, item) for item in items]
+    if origin is dict:
+        if isinstance(raw, dict):
+            return {str(k): _coerce(f"{key}.{k}", str, v) for k, v in raw.items()}
+        if isinstance(raw, str):
+            out: dict[str, str] = {}
+            for pair in (p.strip() for p in raw.split(",") if p.strip()):
+                name, sep, value = pair.partition(":")
+                if not sep or not name or not value:
+                    raise ConfigError(f"{key}={raw!r}: expected name:value pairs, e.g. C1:row_wise,C2:table_wise")
+                out[name.strip()] = value.strip()
+            return out
+        raise ConfigError(f"{key}={raw!r}: expected a table of name = value")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    types = _field_types(cls)
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in types:
+            raise ConfigError(f"unknown key {name}.{key}; {name} has: {', '.join(types)}")
+        kwargs[key] = _coerce(f"{name}.{key}", types[key], raw)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k in SECTIONS else v
+    return out
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config={path!r}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config={path!r}: not valid TOML ({e})") from None
+
+
+def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split ``--config PATH`` and ``--section.key=value`` / ``--section.key value`` arguments.
+
+    Returns the config path (or None) and a nested dict of raw string overrides.
+    """
+    config_path: str | None = None
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: expected --section.key=value or --config PATH")
+        name, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{name}: missing value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if name == "config":
+            config_path = value
+            continue
+        section, dot, key = name.partition(".")
+        if not dot:
+            if section not in TOP_LEVEL:
+                raise ConfigError(
+                    f"unknown option --{name}; expected --config, --run_dir or --SECTION.KEY with SECTION in "
+                    f"{', '.join(SECTIONS)}"
+                )
+            tree[section] = value
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section in --{name}; sections are {', '.join(SECTIONS)}")
+        if section == "sharding" and key.startswith("tables."):
+            tree.setdefault(section, {}).setdefault("tables", {})[key.split(".", 1)[1]] = value
+            continue
+        tree.setdefault(section, {})[key] = value
+    return config_path, tree
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (TOML layout)."""
+    for name, value in tree.items():
+        if name not in SECTIONS and name not in TOP_LEVEL:
+            raise ConfigError(f"unknown config section or key {name!r}; expected {', '.join([*SECTIONS, *TOP_LEVEL])}")
+        if name in SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r}: expected a table [{name}]")
+    sections = {name: _build_section(name, cls, tree.get(name, {})) for name, cls in SECTIONS.items()}
+    run_dir = _coerce("run_dir", str, tree.get("run_dir", Config.run_dir))
+    return Config(**sections, run_dir=run_dir)
+
+
+def load_config(argv: list[str]) -> Config:
+    """``--config FILE`` (default: the embedded preset) plus ``--section.key=value`` overrides."""
+    path, overrides = parse_overrides(argv)
+    base = read_toml(path or default_config_path())
+    return build_config(_merge(base, overrides))

@@ -1,0 +1,1 @@
+"""Everything that knows about ranks: process groups, sharding plans, DMP."""

@@ -1,0 +1,95 @@
+"""Process group and device selection: one code path, the device chosen at start-up."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 talks (logs, files); every rank computes."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """``auto``: CUDA (one GPU per local rank) when visible, else CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device='cuda' but no CUDA device is visible")
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise RuntimeError(f"local rank {local_rank} has no GPU: {n} visible; start at most {n} ranks per node")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistEnv:
+    """Join (or create) the default process group: NCCL for CUDA, gloo for CPU.
+
+    Under torchrun the rank and world come from the environment; a plain ``python -m`` run
+    becomes a world of one on a free local port, so the same code path runs everywhere.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = pick_device(requested_device, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+def set_cpu_threads(requested: int, local_world_size: int) -> int:
+    """Intra-op threads per rank: ranks x threads must not exceed the cores (oversubscription
+    more than halves throughput on CPU)."""
+    threads = requested or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def broadcast_result(env: DistEnv, value: object) -> object:
+    """Send rank 0's picklable ``value`` (or the exception it raised) to every rank."""
+    if env.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

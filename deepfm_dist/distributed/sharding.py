@@ -1,0 +1,244 @@
+"""Sharding the embedding tables across ranks with TorchRec's planner and DMP.
+
+The DeepFM module arrives with its tables on ``meta``; here we choose a plan (per-table
+sharding type, ranks), let ``DistributedModelParallel`` materialise only each rank's shards
+and wrap the dense rest in DDP, then give every shard its world-size-independent initial
+values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+
+from deepfm_dist.config import SHARDING_TYPES, Config
+from deepfm_dist.distributed.env import DistEnv, broadcast_result
+from deepfm_dist.model import init_table_block, table_dim, table_name
+
+FUSED_OPTIMIZERS = {
+    "sgd": EmbOptimType.EXACT_SGD,
+    "adagrad": EmbOptimType.EXACT_ADAGRAD,
+    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+}
+MODEL_PARALLEL_TYPES = [t for t in SHARDING_TYPES if t != "data_parallel"]
+
+
+class DeepFMSharder(EmbeddingBagCollectionSharder):
+    """The stock sharder, plus row-wise and table-row-wise on CPU.
+
+    TorchRec's CPU allow-list omits them, but the fused CPU kernel runs them exactly
+    (measured: identical losses to the single-process model), and they are the only way to
+    split one table larger than a rank's memory.
+    """
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = list(super().sharding_types(compute_device_type))
+        for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
+            if extra not in types:
+                types.append(extra)
+        return types
+
+
+def make_sharder(cfg: Config) -> DeepFMSharder:
+    opt = cfg.optimizer
+    fused_params = {
+        "optimizer": FUSED_OPTIMIZERS[opt.embedding],
+        "learning_rate": opt.embedding_lr,
+        "eps": opt.embedding_eps,
+    }
+    return DeepFMSharder(fused_params=fused_params)
+
+
+def table_constraints(cfg: Config) -> dict[str, ParameterConstraints]:
+    """Per-table allowed sharding types and kernels from ``sharding.type`` / ``sharding.tables``.
+
+    ``auto`` lets the planner choose among the model-parallel types with the fused kernel, so
+    that every table is updated by the configured fused optimizer; data_parallel must be asked
+    for explicitly (its tables are then updated by the dense optimizer, replicated on every rank).
+    """
+    out = {}
+    for feature in cfg.data.sparse:
+        kind = cfg.sharding.tables.get(feature, cfg.sharding.type)
+        types = MODEL_PARALLEL_TYPES if kind == "auto" else [kind]
+        kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
+        out[table_name(feature)] = ParameterConstraints(sharding_types=types, compute_kernels=[kernel.value])
+    return out
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def make_topology(cfg: Config, env: DistEnv):
+    """The planner's view of the hardware: GPU memory per rank, or a host-memory budget on CPU."""
+    if env.device.type == "cuda":
+        hbm = torch.cuda.get_device_properties(env.device).total_memory
+        trainer = TrainerConfig(
+            world_size=env.world_size,
+            local_world_size=env.local_world_size,
+            hbm_cap_bytes=hbm,
+            ddr_cap_bytes=_host_memory_bytes() // env.local_world_size,
+        )
+        kernel = KernelConfig(compute_device="cuda")
+    else:
+        budget = cfg.sharding.host_memory_gb * 1024**3 or _host_memory_bytes() // env.local_world_size
+        trainer = TrainerConfig(
+            world_size=env.world_size,
+            local_world_size=env.local_world_size,
+            hbm_cap_bytes=0,
+            ddr_cap_bytes=int(budget),
+        )
+        kernel = KernelConfig(compute_device="cpu")
+    return TopologyFactory.create_topology(trainer_config=trainer, kernel_config=kernel)
+
+
+def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMSharder) -> ShardingPlan:
+    """Plan on rank 0 and broadcast the plan, or the planner's error, to every rank.
+
+    If rank 0 raised while the others waited in TorchRec's own plan broadcast, they would hang
+    until the collective timeout; here every rank receives either the plan or the message and
+    all fail together before any training collective.
+    """
+    result: ShardingPlan | str
+    if env.is_main:
+        try:
+            planner = EmbeddingShardingPlanner(
+                topology=make_topology(cfg, env),
+                batch_size=cfg.train.batch_size,
+                constraints=table_constraints(cfg),
+                storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
+                debug=False,
+            )
+            result = planner.plan(module, [sharder])
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            result = f"sharding plan failed: {type(e).__name__}: {e}"
+    else:
+        result = ""
+    result = broadcast_result(env, result)
+    if isinstance(result, str):
+        raise RuntimeError(result)
+    return result
+
+
+@dataclass
+class TablePlacement:
+    table: str
+    sharding_type: str
+    compute_kernel: str
+    ranks: list[int]
+    bytes_per_rank: dict[int, int]
+
+
+def describe_plan(plan: ShardingPlan, world_size: int) -> list[TablePlacement]:
+    """Table -> sharding type, ranks and weight bytes per rank (fp32), in table order."""
+    out = []
+    for module_plan in plan.plan.values():
+        for table, ps in module_plan.items():
+            per_rank: dict[int, int] = {}
+            if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
+                ranks = list(range(world_size))
+                # Replicated: every rank holds the whole table; sizes come from the module.
+                per_rank = {r: -1 for r in ranks}
+            else:
+                ranks = sorted(set(ps.ranks or []))
+                for shard in ps.sharding_spec.shards:
+                    rank = shard.placement.rank()
+                    rows, cols = shard.shard_sizes
+                    per_rank[rank] = per_rank.get(rank, 0) + rows * cols * 4
+            out.append(TablePlacement(table, ps.sharding_type, ps.compute_kernel, ranks, per_rank))
+    return sorted(out, key=lambda p: p.table)
+
+
+def plan_report(placements: list[TablePlacement]) -> str:
+    """A table a person can read: one line per table, then total bytes per rank."""
+    lines = [f"{'table':<12} {'sharding':<18} {'kernel':<8} ranks"]
+    totals: dict[int, int] = {}
+    for p in placements:
+        lines.append(f"{p.table:<12} {p.sharding_type:<18} {p.compute_kernel:<8} {','.join(map(str, p.ranks))}")
+        for r, b in p.bytes_per_rank.items():
+            if b > 0:
+                totals[r] = totals.get(r, 0) + b
+    lines.append(
+        "table weights per rank (MiB): "
+        + ", ".join(f"rank {r}: {b / 2**20:.1f}" for r, b in sorted(totals.items()))
+    )
+    return "\n".join(lines)
+
+
+def save_plan(placements: list[TablePlacement], path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump([p.__dict__ for p in placements], f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+_TABLE_KEY = re.compile(r"embedding_bags\.([^.]+)\.weight$")
+
+
+@torch.no_grad()
+def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
+    """Overwrite every local shard with its world-size-independent initial values.
+
+    Works on ShardedTensor (table/row/column-wise shards), DTensor and plain (replicated)
+    tensors; writes in place into the tensors the kernels use. Returns the number of tables
+    touched on this rank.
+    """
+    d = cfg.model.embedding_dim
+    features = {table_name(f): f for f in cfg.data.sparse}
+    touched = 0
+    for key, value in model.state_dict().items():
+        m = _TABLE_KEY.search(key)
+        if not m or m.group(1) not in features:
+            continue
+        name = m.group(1)
+        kwargs = dict(seed=cfg.train.seed, table=name, vector_dim=d, table_dim=table_dim(d), std=cfg.model.init_std)
+        pieces: list[tuple[torch.Tensor, int, int]] = []
+        if isinstance(value, ShardedTensor):
+            for shard in value.local_shards():
+                r0, c0 = shard.metadata.shard_offsets
+                pieces.append((shard.tensor, r0, c0))
+        elif isinstance(value, DTensor):
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            local = value.to_local()
+            _, (r0, c0) = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+            pieces.append((local, r0, c0))
+        else:
+            pieces.append((value, 0, 0))
+        for tensor, r0, c0 in pieces:
+            if tensor.numel() == 0:
+                continue
+            rows, cols = tensor.shape
+            block = init_table_block(rows=(r0, r0 + rows), cols=(c0, c0 + cols), **kwargs)
+            tensor.copy_(block.to(tensor.device, tensor.dtype))
+        touched += 1
+    return touched
+
+
+def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Plan, shard with DMP (dense part under DDP), and initialise the tables."""
+    sharder = make_sharder(cfg)
+    plan = plan_sharding(module, cfg, env, sharder)
+    dmp = DistributedModelParallel(
+        module=module,
+        env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD),
+        device=env.device,
+        plan=plan,
+        sharders=[sharder],
+    )
+    init_sharded_tables(dmp, cfg)
+    return dmp, plan

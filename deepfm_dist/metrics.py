@@ -1,0 +1,78 @@
+"""Exact AUC and logloss over the union of every rank's predictions."""
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+
+def exact_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney U) formula, ties given their average rank.
+
+    Equals the probability that a random positive scores above a random negative, counting
+    ties as 1/2. scores, labels: [N]. Returns nan when one class is absent.
+    """
+    scores = scores.double().flatten()
+    labels = labels.double().flatten()
+    n = scores.numel()
+    n_pos = float(labels.sum())
+    n_neg = n - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    sorted_scores, order = torch.sort(scores)
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()  # 1-based rank of each tie group's last member
+    avg_rank = ends - (counts.double() - 1) / 2
+    ranks = avg_rank[inverse]
+    pos_rank_sum = float((ranks * labels[order]).sum())
+    return (pos_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean binary cross-entropy, computed from logits in float64 (no clipping needed)."""
+    return float(F.binary_cross_entropy_with_logits(logits.double(), labels.double()))
+
+
+def gather_to_rank0(local: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
+    """Concatenate every rank's 1-D tensor (lengths may differ) on rank 0; None elsewhere.
+
+    Tensors travel on ``local``'s device (CUDA for NCCL, CPU for gloo). Collective: every rank
+    must call it.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return local
+    world = dist.get_world_size(group)
+    size = torch.tensor([local.numel()], device=local.device, dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    counts = [int(s.item()) for s in sizes]  # note: host sync, once per evaluation
+    padded = torch.zeros(max(counts), dtype=local.dtype, device=local.device)
+    padded[: local.numel()] = local
+    rank = dist.get_rank(group)
+    bufs = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, bufs, dst=0, group=group)
+    if rank != 0:
+        return None
+    return torch.cat([b[:c] for b, c in zip(bufs, counts)])
+
+
+def global_auc_logloss(
+    logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> tuple[float, float, int]:
+    """(AUC, logloss, rows) over all ranks' rows, computed exactly on rank 0 and broadcast.
+
+    logits, labels: [N_rank] real (unpadded) rows of this rank.
+    """
+    all_logits = gather_to_rank0(logits, group)
+    all_labels = gather_to_rank0(labels.to(logits.dtype), group)
+    if all_logits is not None:
+        result = torch.tensor(
+            [exact_auc(all_logits, all_labels), logloss(all_logits, all_labels), all_logits.numel()],
+            dtype=torch.float64,
+        )
+    else:
+        result = torch.zeros(3, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        result = result.to(logits.device)
+        dist.broadcast(result, src=0, group=group)
+    auc, loss, rows = result.tolist()
+    return auc, loss, int(rows)

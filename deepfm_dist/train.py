@@ -1,0 +1,50 @@
+"""Entry point: ``torchrun -m deepfm_dist.train [--config FILE] [--section.key=value ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+from deepfm_dist.config import ConfigError, load_config
+
+USAGE = """usage: deepfm-train [--config FILE.toml] [--SECTION.KEY=VALUE ...]
+
+Trains DeepFM on sharded TorchRec tables. Start it with torchrun (see launcher/train.sh);
+without torchrun it runs as a world of one. Every key is documented in deepfm_dist/config.py
+and deepfm_dist/configs/default.toml; `--help-keys` lists them with their defaults.
+"""
+
+
+def _help_keys() -> str:
+    import dataclasses
+
+    from deepfm_dist.config import SECTIONS, Config
+
+    lines = ["run_dir = " + repr(Config.run_dir)]
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls()):
+            lines.append(f"{name}.{f.name} = {getattr(cls(), f.name)!r}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the configuration and train; returns the run summary (the same on every rank)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return {}
+    if "--help-keys" in argv:
+        print(_help_keys())
+        return {}
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"deepfm-train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from deepfm_dist.trainer import train  # heavy imports (torchrec) after the config is valid
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

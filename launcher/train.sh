@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Train DeepFM with torchrun on this node.
+#
+#   ./launcher/train.sh                       # embedded default on a generated synthetic set
+#   ./launcher/train.sh --train.epochs=2      # any --section.key=value is passed through
+#   NPROC=4 CONFIG=my.toml ./launcher/train.sh
+#
+# Knobs (environment): NPROC (ranks; default: one per GPU, else 2 CPU ranks), CONFIG (TOML
+# preset; default: the embedded deepfm_dist/configs/default.toml), MASTER_PORT (default: a free port),
+# LOG_RANK (rank whose output torchrun shows; default 0), SYNTHETIC_DIR, SYNTHETIC_TRAIN_ROWS,
+# SYNTHETIC_VAL_ROWS (the default data set, generated once when absent), VENV.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash launcher/setup.sh
+VENV="${VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+if [[ -z "${NPROC:-}" ]]; then
+  NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
+  if [[ "$NGPU" -gt 0 ]]; then NPROC="$NGPU"; else NPROC=2; fi
+fi
+# --standalone picks a free port; MASTER_PORT pins one (e.g. when several jobs share a node).
+RDZV_ARGS=(--standalone)
+if [[ -n "${MASTER_PORT:-}" ]]; then RDZV_ARGS=(--master_addr=127.0.0.1 --master_port="$MASTER_PORT"); fi
+LOG_RANK="${LOG_RANK:-0}"
+CONFIG_ARGS=()
+if [[ -n "${CONFIG:-}" ]]; then CONFIG_ARGS=(--config "$CONFIG"); fi
+
+# The default preset reads data/generated/synthetic; make it once if it is not there.
+if [[ -z "${CONFIG:-}" ]]; then
+  SYNTHETIC_DIR="${SYNTHETIC_DIR:-data/generated/synthetic}"
+  if [[ ! -f "$SYNTHETIC_DIR/oracle.json" ]]; then
+    "$PY" data/make_synthetic.py --out "$SYNTHETIC_DIR" \
+      --train-rows "${SYNTHETIC_TRAIN_ROWS:-1000000}" --val-rows "${SYNTHETIC_VAL_ROWS:-100000}"
+  fi
+fi
+
+exec "$VENV/bin/torchrun" "${RDZV_ARGS[@]}" --nnodes=1 --nproc_per_node="$NPROC" \
+  --local-ranks-filter="$LOG_RANK" \
+  -m deepfm_dist.train "${CONFIG_ARGS[@]}" "$@"
