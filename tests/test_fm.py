@@ -1,0 +1,83 @@
+"""The FM term against a brute-force double loop over field pairs, and the model's assembly."""
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+from deepfm_dist.model import DeepFM, fm_second_order, init_table_block, table_dim
+
+
+def brute_force_fm(fields: torch.Tensor) -> torch.Tensor:
+    """sum_{i<j} <v_i, v_j> with two explicit loops. fields: [B, F, D] -> [B]."""
+    b, f, _ = fields.shape
+    out = torch.zeros(b, dtype=fields.dtype)
+    for i in range(f):
+        for j in range(i + 1, f):
+            out += (fields[:, i] * fields[:, j]).sum(-1)
+    return out
+
+
+def test_fm_matches_double_loop():
+    g = torch.Generator().manual_seed(0)
+    for b, f, d in [(5, 2, 1), (7, 39, 16), (3, 10, 7)]:
+        fields = torch.randn(b, f, d, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(fm_second_order(fields), brute_force_fm(fields))
+
+
+def test_fm_is_not_the_flattened_scalar_interaction():
+    # torchrec's FactorizationMachine sums over pairs of scalars of the flattened input, which
+    # also pairs coordinates inside one field; ours must not.
+    fields = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])  # one non-zero field: no pair of fields
+    assert fm_second_order(fields).item() == 0.0
+    flat = fields.flatten(1)
+    scalar_pairs = 0.5 * (flat.sum(1) ** 2 - (flat**2).sum(1))
+    assert scalar_pairs.item() == 2.0
+
+
+def test_table_dim_has_room_for_first_order_and_is_multiple_of_4():
+    for d in range(1, 40):
+        t = table_dim(d)
+        assert t % 4 == 0 and t >= d + 1 and t - (d + 1) < 4
+
+
+def test_init_block_is_independent_of_how_the_table_is_cut():
+    kw = dict(seed=3, table="t_C1", vector_dim=5, table_dim=8, std=0.1)
+    rows = 70_000  # spans two RNG blocks
+    full = init_table_block(rows=(0, rows), cols=(0, 8), **kw)
+    assert torch.all(full[:, 5:] == 0), "first-order and padding columns start at 0"
+    pieces = torch.cat(
+        [
+            torch.cat([init_table_block(rows=(r0, r1), cols=(0, 4), **kw), init_table_block(rows=(r0, r1), cols=(4, 8), **kw)], 1)
+            for r0, r1 in [(0, 12_345), (12_345, 65_536), (65_536, rows)]
+        ]
+    )
+    torch.testing.assert_close(pieces, full, rtol=0, atol=0)
+    other = init_table_block(rows=(0, 10), cols=(0, 8), **{**kw, "seed": 4})
+    assert not torch.equal(other, full[:10])
+
+
+def test_deepfm_logit_is_bias_plus_first_order_plus_fm_plus_mlp():
+    torch.manual_seed(0)
+    features, sizes, d = ["a", "b"], {"a": 6, "b": 4}, 3
+    model = DeepFM(sparse_features=features, table_sizes=sizes, num_dense=2, embedding_dim=d, mlp=[4],
+                   batch_norm=False, table_device="cpu").eval()
+    with torch.no_grad():
+        for f in features:
+            model.sparse_fields.ebc.embedding_bags[f"t_{f}"].weight.normal_()
+        model.dense_fields.weights.normal_()
+        model.bias.fill_(0.3)
+    dense = torch.tensor([[0.5, 2.0], [1.0, 0.0]])
+    # row 0: a=[1], b=[2, 3] (multi-hot, summed); row 1: a=[5], b=[] (empty bag -> zeros)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=features, values=torch.tensor([1, 5, 2, 3]), lengths=torch.tensor([1, 1, 2, 0])
+    )
+    logits = model(dense, kjt)
+
+    wa = model.sparse_fields.ebc.embedding_bags["t_a"].weight
+    wb = model.sparse_fields.ebc.embedding_bags["t_b"].weight
+    rows_a = torch.stack([wa[1], wa[5]])
+    rows_b = torch.stack([wb[2] + wb[3], torch.zeros(table_dim(d))])
+    dense_vecs = dense.unsqueeze(-1) * model.dense_fields.vectors
+    fields = torch.cat([dense_vecs, rows_a[:, None, :d], rows_b[:, None, :d]], 1)
+    first = rows_a[:, d] + rows_b[:, d] + dense @ model.dense_fields.weights
+    expected = 0.3 + first + brute_force_fm(fields) + model.deep(fields.flatten(1))
+    torch.testing.assert_close(logits, expected)
