@@ -19,7 +19,7 @@ from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, set_
 from deepfm_dist.distributed.sharding import describe_plan, plan_report, save_plan, shard_model
 from deepfm_dist.loss import DeepFMTrain
 from deepfm_dist.metrics import global_auc_logloss
-from deepfm_dist.model import DeepFM
+from deepfm_dist.model import DeepFM, table_name
 from deepfm_dist.optim import build_optimizer
 
 
@@ -160,7 +160,7 @@ def _train(cfg: Config, env: DistEnv, train_files: list[str], val_files: list[st
     module = build_model(cfg)
     model, plan = shard_model(module, cfg, env)
     optimizer = build_optimizer(model, cfg.optimizer)
-    placements = describe_plan(plan, env.world_size)
+    placements = describe_plan(plan, env.world_size, [table_name(f) for f in cfg.data.sparse])
     if env.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_plan(placements, os.path.join(cfg.run_dir, "plan.json"))
@@ -199,13 +199,14 @@ def _train(cfg: Config, env: DistEnv, train_files: list[str], val_files: list[st
             window_steps += 1
             tp.samples += global_batch
             tp.seconds += time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 last_loss = loss.item()  # note: host-device sync point, on log steps only
                 now = time.perf_counter()
                 rate = window_steps * global_batch / (now - window_start)
                 window_start, window_steps = now, 0
                 if bar is not None:
-                    bar.update(cfg.train.log_every if step % cfg.train.log_every == 0 else step - bar.n)
                     bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate:,.0f}")
                 else:
                     log(f"epoch {epoch + 1} step {step}/{total_steps} | loss {last_loss:.4f} | {rate:,.0f} samples/s")

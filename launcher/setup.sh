@@ -6,8 +6,8 @@
 # `import torchrec` fails. So we install fbgemm for the machine we are on, then torchrec with
 # --no-deps plus torchrec's own requirements, then our package with --no-deps.
 #
-# Idempotent: when the pinned set is already installed (stamp file matches) it only
-# re-installs our package in editable mode, which takes seconds.
+# Idempotent: when the pinned set is already installed (the stamp file matches) it does nothing
+# and returns at once.
 #
 # Knobs: VENV (path), PYTHON (interpreter used to create the venv), FBGEMM_FLAVOR (cpu|gpu;
 # default: gpu when `nvidia-smi` lists a GPU, else cpu).
@@ -38,7 +38,9 @@ case "$FBGEMM_FLAVOR" in
   *) echo "setup.sh: FBGEMM_FLAVOR must be 'cpu' or 'gpu', got '$FBGEMM_FLAVOR'" >&2; exit 2 ;;
 esac
 
-STAMP_CONTENT="torch=$TORCH_VERSION fbgemm=$FBGEMM_PKG torchrec=$TORCHREC_VERSION pyarrow=$PYARROW_VERSION reqs=${TORCHREC_REQS[*]} test=${TEST_REQS[*]}"
+# The stamp covers the pinned set and pyproject.toml (new console scripts need a reinstall).
+PYPROJECT_SUM="$(cksum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+STAMP_CONTENT="pyproject=$PYPROJECT_SUM torch=$TORCH_VERSION fbgemm=$FBGEMM_PKG torchrec=$TORCHREC_VERSION pyarrow=$PYARROW_VERSION reqs=${TORCHREC_REQS[*]} test=${TEST_REQS[*]}"
 STAMP="$VENV/.deepfm_dist_stamp"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -47,16 +49,25 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_CONTENT" ]]; then
-  # Fast path: pinned stack already present; refresh only our own package (editable).
-  "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT" >/dev/null
-  exit 0
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_CONTENT" ]] && "$VENV/bin/python" -c "import deepfm_dist" 2>/dev/null; then
+  exit 0  # fast path: everything pinned is there and our package is installed (editable)
 fi
 
+# pip's chatter (index warnings, setuptools notes) is kept in a log shown only on failure.
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+quiet() {
+  if ! "$@" >"$LOG" 2>&1; then
+    cat "$LOG" >&2
+    echo "setup.sh: failed: $*" >&2
+    exit 1
+  fi
+}
+
 echo "setup.sh: installing pinned stack ($FBGEMM_FLAVOR): $TORCH_PKG $FBGEMM_PKG torchrec==$TORCHREC_VERSION pyarrow==$PYARROW_VERSION"
-"${PIP[@]}" install --upgrade "pip>=24" "setuptools>=70" wheel
-"${PIP[@]}" install "$TORCH_PKG" "$FBGEMM_PKG" "pyarrow==$PYARROW_VERSION" "${TORCHREC_REQS[@]}" "${TEST_REQS[@]}"
-"${PIP[@]}" install --no-deps "torchrec==$TORCHREC_VERSION"
-"${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
+quiet "${PIP[@]}" install --upgrade "pip>=24" "setuptools>=70" wheel
+quiet "${PIP[@]}" install "$TORCH_PKG" "$FBGEMM_PKG" "pyarrow==$PYARROW_VERSION" "${TORCHREC_REQS[@]}" "${TEST_REQS[@]}"
+quiet "${PIP[@]}" install --no-deps "torchrec==$TORCHREC_VERSION"
+quiet "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
 "$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, pyarrow; print('setup.sh: torch', torch.__version__, '| torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '$TORCHREC_VERSION', '| pyarrow', pyarrow.__version__)"
 echo "$STAMP_CONTENT" > "$STAMP"

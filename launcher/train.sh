@@ -24,6 +24,9 @@ fi
 RDZV_ARGS=(--standalone)
 if [[ -n "${MASTER_PORT:-}" ]]; then RDZV_ARGS=(--master_addr=127.0.0.1 --master_port="$MASTER_PORT"); fi
 LOG_RANK="${LOG_RANK:-0}"
+# One OpenMP pool per rank sized to its share of the cores (ranks x threads <= cores);
+# train.threads can still override it per run.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 CONFIG_ARGS=()
 if [[ -n "${CONFIG:-}" ]]; then CONFIG_ARGS=(--config "$CONFIG"); fi
 

@@ -144,8 +144,8 @@ class TablePlacement:
     bytes_per_rank: dict[int, int]
 
 
-def describe_plan(plan: ShardingPlan, world_size: int) -> list[TablePlacement]:
-    """Table -> sharding type, ranks and weight bytes per rank (fp32), in table order."""
+def describe_plan(plan: ShardingPlan, world_size: int, table_order: list[str] | None = None) -> list[TablePlacement]:
+    """Table -> sharding type, ranks and weight bytes per rank (fp32), in ``table_order``."""
     out = []
     for module_plan in plan.plan.values():
         for table, ps in module_plan.items():
@@ -161,7 +161,8 @@ def describe_plan(plan: ShardingPlan, world_size: int) -> list[TablePlacement]:
                     rows, cols = shard.shard_sizes
                     per_rank[rank] = per_rank.get(rank, 0) + rows * cols * 4
             out.append(TablePlacement(table, ps.sharding_type, ps.compute_kernel, ranks, per_rank))
-    return sorted(out, key=lambda p: p.table)
+    order = {t: i for i, t in enumerate(table_order or [])}
+    return sorted(out, key=lambda p: (order.get(p.table, len(order)), p.table))
 
 
 def plan_report(placements: list[TablePlacement]) -> str:
