@@ -25,7 +25,11 @@ SHARDING_TYPES = (
     "table_column_wise",
     "data_parallel",
 )
-EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam")
+CPU_EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+LR_DECAYS = ("none", "step", "linear", "cosine")
+PRECISIONS = ("fp32", "bf16")
+COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 DEVICES = ("auto", "cpu", "cuda")
@@ -124,6 +128,8 @@ class ShardingConfig:
     """Per-column override of ``type``, e.g. ``{C1 = "row_wise"}``."""
     host_memory_gb: float = 0.0
     """CPU ranks: host memory budget per rank for the planner (0: available RAM / local ranks)."""
+    comm_precision: str = "fp32"
+    """Precision of the embedding all-to-all (TorchRec quantized comms): fp32, fp16 or bf16."""
 
     def __post_init__(self) -> None:
         allowed = ("auto", *SHARDING_TYPES)
@@ -131,22 +137,40 @@ class ShardingConfig:
         for name, kind in self.tables.items():
             _require(kind in allowed, f"sharding.tables.{name}", kind, f"one of {', '.join(allowed)}")
         _require(self.host_memory_gb >= 0, "sharding.host_memory_gb", self.host_memory_gb, "a float >= 0")
+        _require(
+            self.comm_precision in COMM_PRECISIONS,
+            "sharding.comm_precision", self.comm_precision, f"one of {', '.join(COMM_PRECISIONS)}",
+        )
 
 
 @dataclass
 class OptimizerConfig:
     embedding: str = "rowwise_adagrad"
-    """Fused embedding optimizer (applied inside the backward kernel): sgd, adagrad, rowwise_adagrad."""
+    """Fused embedding optimizer (applied inside the backward kernel): sgd, adagrad,
+    rowwise_adagrad (CPU and GPU); adam, partial_rowwise_adam (GPU only)."""
     embedding_lr: float = 0.05
     """Learning rate of the embedding tables."""
     embedding_eps: float = 1e-8
-    """Epsilon of (row-wise) Adagrad for the tables."""
+    """Epsilon of (row-wise) Adagrad / Adam for the tables."""
+    embedding_weight_decay: float = 0.0
+    """L2 regularisation of the table rows touched in a step (added to their gradient)."""
     dense: str = "adam"
     """Optimizer of the dense parameters (MLP, dense-feature embeddings, bias): adam, adagrad, sgd."""
     dense_lr: float = 1e-3
     """Learning rate of the dense parameters."""
     weight_decay: float = 0.0
     """L2 weight decay of the dense parameters."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up from 0 over this many steps (both tables and dense)."""
+    decay: str = "none"
+    """Learning-rate decay after warm-up: none, step (x decay_gamma every decay_steps),
+    linear or cosine (to min_lr_ratio over decay_steps; 0: until the last step)."""
+    decay_steps: int = 0
+    """Period of step decay, or length of linear/cosine decay (0: the rest of the run)."""
+    decay_gamma: float = 0.5
+    """Factor applied every decay_steps by step decay."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of linear/cosine decay, as a fraction of the base rate."""
 
     def __post_init__(self) -> None:
         _require(self.embedding in EMBEDDING_OPTIMIZERS, "optimizer.embedding", self.embedding, f"one of {', '.join(EMBEDDING_OPTIMIZERS)}")
@@ -155,6 +179,16 @@ class OptimizerConfig:
         _require(self.dense_lr > 0, "optimizer.dense_lr", self.dense_lr, "a positive float")
         _require(self.embedding_eps > 0, "optimizer.embedding_eps", self.embedding_eps, "a positive float")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a float >= 0")
+        _require(self.embedding_weight_decay >= 0, "optimizer.embedding_weight_decay", self.embedding_weight_decay, "a float >= 0")
+        _require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(self.decay in LR_DECAYS, "optimizer.decay", self.decay, f"one of {', '.join(LR_DECAYS)}")
+        _require(self.decay_steps >= 0, "optimizer.decay_steps", self.decay_steps, "an integer >= 0")
+        _require(
+            self.decay != "step" or self.decay_steps > 0,
+            "optimizer.decay_steps", self.decay_steps, "a positive period when optimizer.decay='step'",
+        )
+        _require(0 < self.decay_gamma <= 1, "optimizer.decay_gamma", self.decay_gamma, "a factor in (0, 1]")
+        _require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]")
 
 
 @dataclass
@@ -179,6 +213,13 @@ class TrainConfig:
     """Intra-op threads per rank on CPU (0: cores / local ranks)."""
     progress: bool = True
     """tqdm progress bar on rank 0 when attached to a terminal; plain lines otherwise."""
+    pipeline: bool = True
+    """TrainPipelineSparseDist: the next batch's input all-to-all overlaps this step's compute.
+    false: a plain forward/backward/step loop (same numbers, no overlap)."""
+    grad_clip: float = 0.0
+    """Clip the global L2 norm of the dense gradients to this value (0: no clipping)."""
+    precision: str = "fp32"
+    """Dense compute precision: fp32, or bf16 autocast (CUDA only)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -189,6 +230,31 @@ class TrainConfig:
         _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
         _require(self.device in DEVICES, "train.device", self.device, f"one of {', '.join(DEVICES)}")
         _require(self.threads >= 0, "train.threads", self.threads, "an integer >= 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 disables clipping)")
+        _require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        _require(
+            not (self.precision == "bf16" and self.device == "cpu"),
+            "train.precision", self.precision, "fp32 on CPU (bf16 autocast is for CUDA)",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Where checkpoints go (default: <run_dir>/checkpoints)."""
+    every_steps: int = 0
+    """Save every N steps (0: only by time and at the end)."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (checked on log steps)."""
+    keep: int = 3
+    """Complete checkpoints kept; older ones are deleted after a new one is complete."""
+    at_end: bool = True
+    """Save when training finishes."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
+        _require(self.every_minutes >= 0, "checkpoint.every_minutes", self.every_minutes, "a number >= 0")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
 
 
 @dataclass
@@ -198,13 +264,21 @@ class Config:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = "runs/default"
-    """Where summary.json (and later checkpoints and metrics) go."""
+    """Where summary.json, plan.json and (by default) checkpoints go."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in checkpoint.dir (--resume); start fresh
+    when there is none."""
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")
         unknown = sorted(set(self.sharding.tables) - set(self.data.sparse))
         _require(not unknown, "sharding.tables", unknown, f"names of sparse columns ({', '.join(self.data.sparse)})")
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,8 +290,11 @@ SECTIONS: dict[str, type] = {
     "sharding": ShardingConfig,
     "optimizer": OptimizerConfig,
     "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
 }
-TOP_LEVEL = ("run_dir",)
+TOP_LEVEL = ("run_dir", "resume")
+FLAGS = ("resume",)
+"""Top-level booleans that may be given without a value (``--resume``)."""
 
 
 def default_config_path() -> str:
@@ -336,6 +413,8 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: expected --section.key=value or --config PATH")
         name, sep, value = arg[2:].partition("=")
+        if not sep and name in FLAGS and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+            value, sep = "true", "="
         if not sep:
             if i + 1 >= len(args):
                 raise ConfigError(f"--{name}: missing value")
@@ -372,7 +451,8 @@ def build_config(tree: dict[str, Any]) -> Config:
             raise ConfigError(f"{name}={value!r}: expected a table [{name}]")
     sections = {name: _build_section(name, cls, tree.get(name, {})) for name, cls in SECTIONS.items()}
     run_dir = _coerce("run_dir", str, tree.get("run_dir", Config.run_dir))
-    return Config(**sections, run_dir=run_dir)
+    resume = _coerce("resume", bool, tree.get("resume", False))
+    return Config(**sections, run_dir=run_dir, resume=resume)
 
 
 def load_config(argv: list[str]) -> Config:

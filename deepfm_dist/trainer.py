@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from deepfm_dist import checkpoint as ckpt
 
 from deepfm_dist.config import Config
 from deepfm_dist.data import ParquetBatchReader, resolve_parquet_paths
@@ -20,7 +23,7 @@ from deepfm_dist.distributed.sharding import describe_plan, plan_report, save_pl
 from deepfm_dist.loss import DeepFMTrain
 from deepfm_dist.metrics import global_auc_logloss
 from deepfm_dist.model import DeepFM, table_name
-from deepfm_dist.optim import build_optimizer
+from deepfm_dist.optim import build_optimizers, check_embedding_optimizer, lr_factor, set_learning_rates
 
 
 def quiet_library_noise() -> None:
@@ -78,19 +81,25 @@ def make_reader(cfg: Config, env: DistEnv, files: list[str], *, train: bool) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, reader: ParquetBatchReader, env: DistEnv) -> tuple[float, float, int]:
+def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") -> tuple[float, float, int]:
     """Score this rank's share of the validation set; exact AUC/logloss over all ranks' rows."""
     model.eval()
     logits, labels, weights = [], [], []
     for batch in reader:
         batch = batch.to(env.device, non_blocking=True)
-        _, (_, lg, lb, w) = model(batch)
-        logits.append(lg)
+        with autocast(env, precision):
+            _, (_, lg, lb, w) = model(batch)
+        logits.append(lg.float())
         labels.append(lb)
         weights.append(w)
     model.train()
     keep = torch.cat(weights) > 0  # padding rows (weight 0) are not scored
-    return global_auc_logloss(torch.cat(logits)[keep].float(), torch.cat(labels)[keep].float())
+    return global_auc_logloss(torch.cat(logits)[keep], torch.cat(labels)[keep].float())
+
+
+def autocast(env: DistEnv, precision: str):
+    """bf16 autocast of the dense compute on CUDA; a no-op context otherwise."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and env.device.type == "cuda")
 
 
 def find_oracle(val_specs: list[str]) -> dict | None:
@@ -103,24 +112,52 @@ def find_oracle(val_specs: list[str]) -> dict | None:
     return None
 
 
-@dataclass
-class Throughput:
-    """Training throughput over time spent in training steps (evaluation excluded)."""
-
-    samples: int = 0
-    seconds: float = 0.0
-    window: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
-
 def write_json_atomic(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)
+
+
+class MetricsLog:
+    """``<run_dir>/metrics.jsonl``: one JSON object per log step and per evaluation (rank 0)."""
+
+    def __init__(self, env: DistEnv, run_dir: str):
+        self.path = os.path.join(run_dir, "metrics.jsonl") if env.is_main else None
+
+    def write(self, **record) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class TrackedIterator:
+    """Iterates a loader and remembers its position after each batch it handed out.
+
+    The pipeline pulls batches ahead of the step it trains, so the loader's current position
+    is not the checkpoint's: ``position(k)`` is the loader state after exactly k batches of
+    this epoch (k = steps trained), which a resumed run continues from.
+    """
+
+    def __init__(self, loader, start: int):
+        self._it = iter(loader)
+        self._loader = loader
+        self._states = {start: loader.state_dict()}
+        self._count = start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        self._count += 1
+        self._states[self._count] = self._loader.state_dict()
+        for k in [k for k in self._states if k < self._count - 8]:
+            del self._states[k]
+        return batch
+
+    def position(self, trained: int):
+        return self._states[trained]
 
 
 def train(cfg: Config) -> dict:
@@ -132,133 +169,288 @@ def train(cfg: Config) -> dict:
     val_files = resolve_parquet_paths(cfg.data.val, "data.val")
     env = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, env, train_files, val_files)
+        return Trainer(cfg, env, train_files, val_files).run()
     finally:
         destroy()
 
 
-def _train(cfg: Config, env: DistEnv, train_files: list[str], val_files: list[str]) -> dict:
-    log = RankLogger(env)
-    threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
-    train_reader = make_reader(cfg, env, train_files, train=True)
-    val_reader = make_reader(cfg, env, val_files, train=False)
-    if len(train_reader) == 0:
-        raise ValueError(
-            f"data.train has {train_reader.num_rows} rows: fewer than world_size ({env.world_size}) x "
-            f"train.batch_size ({cfg.train.batch_size}); not one full batch per rank"
+class Trainer:
+    """Owns the sharded model, optimizers, loaders and the loop. Rank 0 talks."""
+
+    def __init__(self, cfg: Config, env: DistEnv, train_files: list[str], val_files: list[str]):
+        self.cfg, self.env = cfg, env
+        self.log = RankLogger(env)
+        check_embedding_optimizer(cfg.optimizer, env.device.type)
+        self.threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
+        self.train_reader = make_reader(cfg, env, train_files, train=True)
+        self.val_reader = make_reader(cfg, env, val_files, train=False)
+        if len(self.train_reader) == 0:
+            raise ValueError(
+                f"data.train has {self.train_reader.num_rows} rows: fewer than world_size ({env.world_size}) x "
+                f"train.batch_size ({cfg.train.batch_size}); not one full batch per rank"
+            )
+        self.log(
+            f"deepfm-dist: world_size={env.world_size} backend={env.backend} device={env.device.type}"
+            + (f" threads/rank={self.threads}" if self.threads else "")
         )
-    log(
-        f"deepfm-dist: world_size={env.world_size} backend={env.backend} device={env.device.type}"
-        + (f" threads/rank={threads}" if threads else "")
-    )
-    log(
-        f"data: train {train_reader.num_rows:,} rows in {len(train_files)} files "
-        f"({len(train_reader)} steps/epoch of {cfg.train.batch_size} x {env.world_size}), "
-        f"val {val_reader.num_rows:,} rows in {len(val_files)} files"
-    )
+        self.log(
+            f"data: train {self.train_reader.num_rows:,} rows in {len(train_files)} files "
+            f"({len(self.train_reader)} steps/epoch of {cfg.train.batch_size} x {env.world_size}), "
+            f"val {self.val_reader.num_rows:,} rows in {len(val_files)} files"
+        )
+        self.model, plan = shard_model(build_model(cfg), cfg, env)
+        self.opts = build_optimizers(self.model, cfg.optimizer, cfg.train.grad_clip)
+        self.placements = describe_plan(plan, env.world_size, [table_name(f) for f in cfg.data.sparse])
+        self.plan_path = os.path.join(cfg.run_dir, "plan.json")
+        if env.is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            save_plan(self.placements, self.plan_path)
+            self.log(plan_report(self.placements))
+        self.metrics = MetricsLog(env, cfg.run_dir)
+        self.global_batch = cfg.train.batch_size * env.world_size
+        self.steps_per_epoch = len(self.train_reader)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.state = ckpt.TrainState(step=0, epoch=0, step_in_epoch=0, loader_states=[])
+        self.resume_loader_state = None
+        self.last_save_time = time.monotonic()
 
-    module = build_model(cfg)
-    model, plan = shard_model(module, cfg, env)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    placements = describe_plan(plan, env.world_size, [table_name(f) for f in cfg.data.sparse])
-    if env.is_main:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        save_plan(placements, os.path.join(cfg.run_dir, "plan.json"))
-        log(plan_report(placements))
+    # -- checkpoints ---------------------------------------------------------------------
 
-    steps_per_epoch = len(train_reader)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    global_batch = cfg.train.batch_size * env.world_size
-    bar = None
-    if env.is_main and cfg.train.progress and sys.stderr.isatty():
-        from tqdm import tqdm
+    def maybe_resume(self) -> None:
+        if not self.cfg.resume:
+            return
+        path = ckpt.latest(self.cfg.checkpoint_dir)
+        if path is None:
+            self.log(f"resume: no complete checkpoint in {self.cfg.checkpoint_dir}; starting fresh")
+            return
+        # The dense optimizer's state is created lazily; make it so DCP can load into it.
+        self.opts.dense.init_state()
+        meta = ckpt.load(path, model=self.model, optimizer=self.opts.combined)
+        step_in_epoch = meta["step_in_epoch"]
+        epoch = meta["epoch"]
+        if meta["world_size"] == self.env.world_size:
+            self.resume_loader_state = meta["loader_states"][self.env.rank]
+        elif step_in_epoch:
+            # Another world size splits the rows differently: the interrupted epoch restarts
+            # (its rows are seen again) rather than skipping rows nobody trained on.
+            self.log(
+                f"resume: checkpoint written by {meta['world_size']} ranks, now {self.env.world_size}: "
+                f"epoch {epoch + 1} restarts from its first batch"
+            )
+            step_in_epoch = 0
+        if step_in_epoch >= self.steps_per_epoch:
+            epoch, step_in_epoch, self.resume_loader_state = epoch + 1, 0, None
+        self.state = ckpt.TrainState(meta["step"], epoch, step_in_epoch, [])
+        self.log(f"resumed from {path} (step {meta['step']}, epoch {epoch + 1}, batch {step_in_epoch})")
 
-        bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+    def save_checkpoint(self, tracked: TrackedIterator | None) -> str:
+        position = tracked.position(self.state.step_in_epoch) if tracked is not None else self.train_reader.state_dict()
+        states: list = [None] * self.env.world_size
+        if self.env.world_size > 1:
+            torch.distributed.all_gather_object(states, position)
+        else:
+            states = [position]
+        self.state.loader_states = states
+        path = ckpt.save(
+            self.cfg.checkpoint_dir,
+            model=self.model,
+            optimizer=self.opts.combined,
+            state=self.state,
+            extra_meta={"plan": [p.__dict__ for p in self.placements], "config": self.cfg.to_dict()},
+            keep=self.cfg.checkpoint.keep,
+        )
+        self.last_save_time = time.monotonic()
+        self.log(f"checkpoint: {path}")
+        return path
 
-    tp = Throughput()
-    step = 0
-    evals: list[dict] = []
-    last_loss = float("nan")
-    model.train()
-    for epoch in range(cfg.train.epochs):
-        if step >= total_steps:
-            break
-        window_start, window_steps = time.perf_counter(), 0
-        for batch in train_reader:
-            if step >= total_steps:
-                break
-            t0 = time.perf_counter()
-            batch = batch.to(env.device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = model(batch)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            window_steps += 1
-            tp.samples += global_batch
-            tp.seconds += time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                last_loss = loss.item()  # note: host-device sync point, on log steps only
-                now = time.perf_counter()
-                rate = window_steps * global_batch / (now - window_start)
-                window_start, window_steps = now, 0
+    # -- the loop -------------------------------------------------------------------------
+
+    def sync_point(self, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, bool]:
+        """Mean loss over ranks of the newest step, and whether any rank wants a timed save.
+
+        Raises on a non-finite loss on any rank, naming the first such step, before any
+        checkpoint could include it. One small all-reduce; a host sync (log steps only).
+        """
+        losses = torch.stack([loss for _, loss in pending]).float()
+        bad = ~torch.isfinite(losses)
+        first_bad = pending[int(bad.nonzero()[0])][0] if bool(bad.any()) else -1  # note: host sync
+        minutes = self.cfg.checkpoint.every_minutes
+        want_save = float(minutes > 0 and time.monotonic() - self.last_save_time >= minutes * 60)
+        stats = torch.tensor(
+            [float(losses[-1]) if first_bad < 0 else 0.0, want_save, float(first_bad >= 0), float(-first_bad if first_bad >= 0 else -1e18)],
+            dtype=torch.float64, device=self.env.device,
+        )
+        if self.env.world_size > 1:
+            summed = stats.clone()
+            torch.distributed.all_reduce(summed)
+            worst = stats[3:].clone()
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+            stats = torch.cat([summed[:3], worst])
+        if stats[2] > 0:
+            step = int(-stats[3])
+            latest = ckpt.latest(self.cfg.checkpoint_dir)
+            raise FloatingPointError(
+                f"non-finite training loss at step {step}: stopping. "
+                + (f"The last good checkpoint is {latest}." if latest else "No checkpoint was written.")
+                + " Lower optimizer.embedding_lr / optimizer.dense_lr, or set train.grad_clip."
+            )
+        return float(stats[0]) / self.env.world_size, bool(stats[1] > 0)
+
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        self.maybe_resume()
+        bar = None
+        if env.is_main and cfg.train.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
+        train_seconds, trained_samples = 0.0, 0
+        evals: list[dict] = []
+        last_loss = float("nan")
+        self.model.train()
+        tracked: TrackedIterator | None = None
+        while self.state.epoch < cfg.train.epochs and self.state.step < self.total_steps:
+            epoch = self.state.epoch
+            self.train_reader.set_epoch(epoch)
+            if self.resume_loader_state is not None:
+                self.train_reader.load_state_dict(self.resume_loader_state)
+                self.resume_loader_state = None
+            tracked = TrackedIterator(self.train_reader, self.state.step_in_epoch)
+            remaining = min(self.steps_per_epoch - self.state.step_in_epoch, self.total_steps - self.state.step)
+            batches = itertools.islice(tracked, remaining)  # never pull a batch we will not train
+            pipeline = (
+                TrainPipelineSparseDist(self.model, self.opts.combined, env.device, execute_all_batches=True)
+                if cfg.train.pipeline
+                else None
+            )
+            pending: list[tuple[int, torch.Tensor]] = []
+            window_start, window_steps = time.perf_counter(), 0
+            while True:
+                set_learning_rates(self.opts, cfg.optimizer, lr_factor(cfg.optimizer, self.state.step, self.total_steps))
+                t0 = time.perf_counter()
+                try:
+                    loss = self.train_step(pipeline, batches)
+                except StopIteration:
+                    break
+                train_seconds += time.perf_counter() - t0
+                trained_samples += self.global_batch
+                self.state.step += 1
+                self.state.step_in_epoch += 1
+                window_steps += 1
+                pending.append((self.state.step, loss))
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate:,.0f}")
-                else:
-                    log(f"epoch {epoch + 1} step {step}/{total_steps} | loss {last_loss:.4f} | {rate:,.0f} samples/s")
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                auc, ll, n = evaluate(model, val_reader, env)
-                evals.append({"step": step, "samples": step * global_batch, "val_auc": auc, "val_logloss": ll})
-                log(f"eval step {step}: val AUC {auc:.4f} logloss {ll:.4f} ({n:,} rows)")
-                window_start, window_steps = time.perf_counter(), 0
-        auc, ll, n = evaluate(model, val_reader, env)
-        evals.append({"step": step, "samples": step * global_batch, "val_auc": auc, "val_logloss": ll})
-        log(f"eval epoch {epoch + 1} (step {step}): val AUC {auc:.4f} logloss {ll:.4f} ({n:,} rows)")
-    if bar is not None:
-        bar.close()
-    last_loss = loss.item()
+                    bar.update(1)
+                step = self.state.step
+                log_now = step % cfg.train.log_every == 0 or step == self.total_steps
+                save_now = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+                eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
+                if log_now or save_now or eval_now:
+                    last_loss, timed_save = self.sync_point(pending)
+                    pending = []
+                    save_now = save_now or timed_save
+                if log_now:
+                    now = time.perf_counter()
+                    rate = window_steps * self.global_batch / (now - window_start)
+                    window_start, window_steps = now, 0
+                    lr = self.opts.dense.param_groups[0]["lr"]
+                    self.metrics.write(step=step, epoch=epoch + 1, samples=step * self.global_batch, loss=last_loss,
+                                       lr=lr, samples_per_s=rate)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", samples_s=f"{rate:,.0f}")
+                    else:
+                        self.log(f"epoch {epoch + 1} step {step}/{self.total_steps} | loss {last_loss:.4f} | "
+                                 f"lr x{lr / cfg.optimizer.dense_lr:.3g} | {rate:,.0f} samples/s")
+                if eval_now and step < self.total_steps:
+                    if pipeline is not None:
+                        pipeline.detach()  # plain forward for evaluation; progress() re-attaches
+                    evals.append(self.run_eval(step, epoch))
+                    window_start, window_steps = time.perf_counter(), 0
+                if save_now and step < self.total_steps:
+                    self.save_checkpoint(tracked)
+                    window_start, window_steps = time.perf_counter(), 0
+            if pipeline is not None:
+                pipeline.detach()
+            if self.state.step_in_epoch >= self.steps_per_epoch:
+                evals.append(self.run_eval(self.state.step, epoch))
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+                tracked = None
+            elif self.state.step >= self.total_steps:
+                break
+        if bar is not None:
+            bar.close()
+        if not evals or evals[-1]["step"] != self.state.step:
+            evals.append(self.run_eval(self.state.step, self.state.epoch))
+        if cfg.checkpoint.at_end and self.state.step > 0:
+            self.save_checkpoint(tracked)
+        return self.finish(evals, last_loss, trained_samples, train_seconds)
 
-    final = evals[-1]
-    summary = {
-        "world_size": env.world_size,
-        "backend": env.backend,
-        "device": env.device.type,
-        "steps": step,
-        "epochs": cfg.train.epochs,
-        "batch_size_per_rank": cfg.train.batch_size,
-        "train_samples": tp.samples,
-        "train_seconds": tp.seconds,
-        "train_samples_per_s": tp.per_s,
-        "train_samples_per_s_per_rank": tp.per_s / env.world_size,
-        "last_loss": last_loss,
-        "val_auc": final["val_auc"],
-        "val_logloss": final["val_logloss"],
-        "val_rows": n,
-        "evals": evals,
-        "plan_file": os.path.join(cfg.run_dir, "plan.json"),
-        "config": cfg.to_dict(),
-    }
-    oracle = find_oracle(cfg.data.val)
-    if oracle is not None:
-        summary["oracle_val_auc"] = oracle.get("val_auc")
-        summary["oracle_val_logloss"] = oracle.get("val_logloss")
-    if env.is_main:
-        write_json_atomic(os.path.join(cfg.run_dir, "summary.json"), summary)
-        rows = [
-            ("world size", f"{env.world_size} ({env.backend}, {env.device.type})"),
-            ("steps", f"{step}"),
-            ("train samples", f"{tp.samples:,}"),
-            ("samples/s", f"{tp.per_s:,.0f} ({tp.per_s / env.world_size:,.0f} per rank)"),
-            ("val AUC", f"{final['val_auc']:.4f}"),
-            ("val logloss", f"{final['val_logloss']:.4f}"),
-        ]
+    def train_step(self, pipeline: TrainPipelineSparseDist | None, batches) -> torch.Tensor:
+        """One step; returns the detached local loss (a device tensor: no host sync here)."""
+        with autocast(self.env, self.cfg.train.precision):
+            if pipeline is not None:
+                loss, *_ = pipeline.progress(batches)
+                return loss
+            batch = next(batches).to(self.env.device, non_blocking=True)
+            self.opts.combined.zero_grad()
+            loss, _ = self.model(batch)
+            loss.backward()
+            self.opts.combined.step()
+            return loss.detach()
+
+    def run_eval(self, step: int, epoch: int) -> dict:
+        auc, ll, n = evaluate(self.model, self.val_reader, self.env, self.cfg.train.precision)
+        record = {"step": step, "epoch": epoch + 1, "samples": step * self.global_batch,
+                  "val_auc": auc, "val_logloss": ll, "val_rows": n}
+        self.metrics.write(**record)
+        self.log(f"eval step {step} (epoch {epoch + 1}): val AUC {auc:.4f} logloss {ll:.4f} ({n:,} rows)")
+        return record
+
+    def finish(self, evals: list[dict], last_loss: float, samples: int, seconds: float) -> dict:
+        cfg, env = self.cfg, self.env
+        final = evals[-1]
+        rate = samples / seconds if seconds > 0 else 0.0
+        summary = {
+            "world_size": env.world_size,
+            "backend": env.backend,
+            "device": env.device.type,
+            "steps": self.state.step,
+            "epochs": cfg.train.epochs,
+            "batch_size_per_rank": cfg.train.batch_size,
+            "train_samples": self.state.step * self.global_batch,
+            "train_samples_this_run": samples,
+            "train_seconds": seconds,
+            "train_samples_per_s": rate,
+            "train_samples_per_s_per_rank": rate / env.world_size,
+            "last_loss": last_loss,
+            "val_auc": final["val_auc"],
+            "val_logloss": final["val_logloss"],
+            "val_rows": final["val_rows"],
+            "evals": evals,
+            "plan_file": self.plan_path,
+            "checkpoint": ckpt.latest(cfg.checkpoint_dir),
+            "config": cfg.to_dict(),
+        }
+        oracle = find_oracle(cfg.data.val)
         if oracle is not None:
-            rows.append(("oracle val AUC", f"{oracle.get('val_auc', float('nan')):.4f}"))
-            rows.append(("oracle val logloss", f"{oracle.get('val_logloss', float('nan')):.4f}"))
-        rows.append(("summary", os.path.join(cfg.run_dir, "summary.json")))
-        log("\n".join(f"{k:<20} {v}" for k, v in rows))
-    return summary
+            summary["oracle_val_auc"] = oracle.get("val_auc")
+            summary["oracle_val_logloss"] = oracle.get("val_logloss")
+        if env.is_main:
+            write_json_atomic(os.path.join(cfg.run_dir, "summary.json"), summary)
+            rows = [
+                ("world size", f"{env.world_size} ({env.backend}, {env.device.type})"),
+                ("steps", f"{self.state.step}"),
+                ("train samples", f"{summary['train_samples']:,}"),
+                ("samples/s", f"{rate:,.0f} ({rate / env.world_size:,.0f} per rank)"),
+                ("last loss", f"{last_loss:.4f}"),
+                ("val AUC", f"{final['val_auc']:.4f}"),
+                ("val logloss", f"{final['val_logloss']:.4f}"),
+            ]
+            if oracle is not None:
+                rows.append(("oracle val AUC", f"{oracle.get('val_auc', float('nan')):.4f}"))
+                rows.append(("oracle val logloss", f"{oracle.get('val_logloss', float('nan')):.4f}"))
+            rows.append(("summary", os.path.join(cfg.run_dir, "summary.json")))
+            self.log("\n".join(f"{k:<20} {v}" for k, v in rows))
+        return summary

@@ -77,7 +77,7 @@ def rank_worker(sharding_type: str) -> dict:
 
     from deepfm_dist.distributed.env import destroy, init_distributed
     from deepfm_dist.distributed.sharding import shard_model
-    from deepfm_dist.optim import build_optimizer
+    from deepfm_dist.optim import build_optimizers
     from deepfm_dist.trainer import build_model, quiet_library_noise
 
     quiet_library_noise()
@@ -85,7 +85,7 @@ def rank_worker(sharding_type: str) -> dict:
     env = init_distributed("cpu")
     torch.set_num_threads(1)
     model, plan = shard_model(build_model(cfg), cfg, env)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizers(model, cfg.optimizer).combined
     losses = []
     for step in range(STEPS):
         batch = slice_batch(global_batch(step, BATCH * env.world_size), env.rank * BATCH, (env.rank + 1) * BATCH)
@@ -141,7 +141,7 @@ def reference(cfg: Config) -> tuple[list[float], dict, dict]:
         loss, _ = train(global_batch(step, 2 * BATCH))
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     tables = {name: bag.weight.detach() for name, bag in model.sparse_fields.ebc.embedding_bags.items()}
     dense = {k: v.detach() for k, v in model.state_dict().items() if "sparse_fields" not in k}
     return losses, tables, dense

@@ -255,11 +255,37 @@ class ParquetBatchReader:
                         f"{path}: {kind} column {col!r} has type {found}, expected {expected}"
                     )
 
+    # Resume support: this reader never shuffles, so a position is (epoch, batches consumed)
+    # and resuming replays the epoch's first batches without yielding them.
+    _epoch: int = 0
+    _consumed: int = 0
+    _skip: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def state_dict(self) -> dict:
+        """Position after the batches yielded so far in this epoch."""
+        return {"epoch": self._epoch, "batches": self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The next ``iter()`` starts right after ``state['batches']`` batches of that epoch."""
+        self._epoch, self._skip = int(state["epoch"]), int(state["batches"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        skip, self._skip = self._skip, 0
+        self._consumed = skip
+        for i, batch in enumerate(self._iter_all()):
+            if i < skip:
+                continue
+            self._consumed = i + 1
+            yield batch
+
     def __len__(self) -> int:
         """Batches per epoch; identical on every rank."""
         return self._num_batches
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _iter_all(self) -> Iterator[Batch]:
         b = self.batch_size
         emitted = 0
         carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None

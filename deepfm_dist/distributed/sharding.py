@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
@@ -34,6 +36,8 @@ FUSED_OPTIMIZERS = {
     "sgd": EmbOptimType.EXACT_SGD,
     "adagrad": EmbOptimType.EXACT_ADAGRAD,
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    "adam": EmbOptimType.ADAM,
+    "partial_rowwise_adam": EmbOptimType.PARTIAL_ROWWISE_ADAM,
 }
 MODEL_PARALLEL_TYPES = [t for t in SHARDING_TYPES if t != "data_parallel"]
 
@@ -55,13 +59,21 @@ class DeepFMSharder(EmbeddingBagCollectionSharder):
 
 
 def make_sharder(cfg: Config) -> DeepFMSharder:
+    """The sharder with the fused optimizer and, if asked, quantized all-to-all comms."""
     opt = cfg.optimizer
     fused_params = {
         "optimizer": FUSED_OPTIMIZERS[opt.embedding],
         "learning_rate": opt.embedding_lr,
         "eps": opt.embedding_eps,
     }
-    return DeepFMSharder(fused_params=fused_params)
+    if opt.embedding_weight_decay > 0:
+        fused_params["weight_decay"] = opt.embedding_weight_decay
+        fused_params["weight_decay_mode"] = WeightDecayMode.L2
+    qcomm = None
+    if cfg.sharding.comm_precision != "fp32":
+        comm = {"fp16": CommType.FP16, "bf16": CommType.BF16}[cfg.sharding.comm_precision]
+        qcomm = get_qcomm_codecs_registry(QCommsConfig(forward_precision=comm, backward_precision=comm))
+    return DeepFMSharder(fused_params=fused_params, qcomm_codecs_registry=qcomm)
 
 
 def table_constraints(cfg: Config) -> dict[str, ParameterConstraints]:

@@ -1,0 +1,182 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): sharded, resumable, reshardable.
+
+Layout of ``<checkpoint.dir>``::
+
+    step_000000120/          a complete checkpoint (renamed into place when every rank wrote)
+        __0_0.distcp ...     DCP shards: model (tables, dense), fused + dense optimizer state,
+                             per-rank RNG states
+        .metadata            DCP's index
+        meta.json            step, epoch, world size, plan, per-rank loader positions, config
+    step_000000150.tmp/      being written (or left by a crash): never loaded, removed later
+
+Only tensors go through DCP (optimizer ``param_groups`` are rebuilt from the config and the LR
+schedule), the rest is JSON, so loading unpickles nothing of ours. DCP stores each shard with
+its global offsets, so a checkpoint written by N ranks with one plan loads into M ranks with
+another (table-wise -> row-wise, 2 ranks -> 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+_COMPLETE = re.compile(r"^step_(\d{9})$")
+META = "meta.json"
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:09d}")
+
+
+def list_complete(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _COMPLETE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, META)):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest(root: str) -> str | None:
+    found = list_complete(root)
+    return found[-1][1] if found else None
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    meta_path = os.path.join(path, META)
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: {META} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs beyond the tensors."""
+
+    step: int
+    epoch: int
+    step_in_epoch: int
+    loader_states: list[Any]
+    """One entry per rank: that rank's training-loader position after ``step_in_epoch`` steps."""
+
+
+def _rank_key(rank: int) -> str:
+    return f"rng/rank{rank}"
+
+
+def save(
+    root: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    state: TrainState,
+    extra_meta: dict[str, Any],
+    keep: int,
+) -> str:
+    """Write a checkpoint of every rank's shards; returns its final path. Collective.
+
+    Rank 0 renames ``step_N.tmp`` to ``step_N`` only after every rank has finished writing, so a
+    crash at any point leaves no directory that looks complete. Then it deletes all but the last
+    ``keep`` complete checkpoints and any stale ``.tmp`` directory.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    final = step_dir(root, state.step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        # Per-rank keys: every rank's RNG stream differs, and DCP would de-duplicate a key
+        # that all ranks share.
+        _rank_key(rank): rng_state(),
+    }
+    dcp.save(payload, checkpoint_id=tmp)
+    if rank == 0:
+        meta = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch,
+            "world_size": world,
+            "loader_states": state.loader_states,
+            **extra_meta,
+        }
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+        if os.path.exists(final):  # the same step saved twice (e.g. at the end after every_steps)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune(root, keep)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def prune(root: str, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones and stale temporaries."""
+    complete = list_complete(root)
+    for _, path in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(root):
+        if name.endswith(".tmp") and _COMPLETE.match(name[: -len(".tmp")]):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load(path: str, *, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
+    """Load a checkpoint into the (already sharded) model and optimizer, in place. Collective.
+
+    Works across world sizes and sharding plans: DCP reads, for each local shard, the parts of
+    the saved shards that overlap it. RNG states are restored only when the world size matches
+    (a different world has different streams anyway). Returns the checkpoint's meta.json.
+    """
+    meta = read_meta(path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    payload: dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    same_world = meta.get("world_size") == world
+    if same_world:
+        payload[_rank_key(rank)] = rng_state()
+    dcp.load(payload, checkpoint_id=path)
+    model.load_state_dict(payload["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if same_world:
+        set_rng_state(payload[_rank_key(rank)])
+    return meta
