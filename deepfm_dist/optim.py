@@ -81,7 +81,8 @@ def lr_factor(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
         return 1.0
     if cfg.decay == "step":
         return cfg.decay_gamma ** (t // cfg.decay_steps)
-    span = cfg.decay_steps or max(1, total_steps - cfg.warmup_steps)
+    # Without decay_steps the decay ends exactly at the last step (index total_steps - 1).
+    span = cfg.decay_steps or max(1, total_steps - cfg.warmup_steps - 1)
     frac = min(1.0, t / span)
     if cfg.decay == "linear":
         shape = 1.0 - frac

@@ -32,6 +32,8 @@ def quiet_library_noise() -> None:
     logging.getLogger("torchrec").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
+    # Deprecation notices torchrec triggers inside torch.distributed (not actionable for users).
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 class RankLogger:
@@ -83,6 +85,7 @@ def make_reader(cfg: Config, env: DistEnv, files: list[str], *, train: bool) -> 
 @torch.no_grad()
 def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") -> tuple[float, float, int]:
     """Score this rank's share of the validation set; exact AUC/logloss over all ranks' rows."""
+    sync_dense_buffers(model, env)
     model.eval()
     logits, labels, weights = [], [], []
     for batch in reader:
@@ -95,6 +98,21 @@ def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") ->
     model.train()
     keep = torch.cat(weights) > 0  # padding rows (weight 0) are not scored
     return global_auc_logloss(torch.cat(logits)[keep], torch.cat(labels)[keep].float())
+
+
+@torch.no_grad()
+def sync_dense_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Give every rank rank 0's BatchNorm running statistics.
+
+    DDP broadcasts buffers at the start of each training forward, after which every rank
+    updates them with its own batch: after the last step the ranks disagree slightly. The
+    checkpoint holds rank 0's; evaluating with them everywhere scores exactly the saved model.
+    """
+    if env.world_size == 1:
+        return
+    for name, buf in model.named_buffers():
+        if "sparse_fields" not in name and isinstance(buf, torch.Tensor) and buf.is_floating_point():
+            torch.distributed.broadcast(buf, src=0)
 
 
 def autocast(env: DistEnv, precision: str):

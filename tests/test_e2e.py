@@ -6,34 +6,15 @@ import json
 
 import pytest
 
-from deepfm_dist.data.synthetic import generate
 from deepfm_dist.train import main
+from tests.conftest import small_args
 from tests.distributed_helpers import launch
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    oracle = generate(
-        out, train_rows=24_000, val_rows=6_000, max_cardinality=500, files_per_split=(3, 2),
-        row_group_size=1_000, seed=1,
-    )
-    return out, oracle
-
-
-def small_args(data_dir, run_dir) -> list[str]:
-    return [
-        f"--data.train={data_dir}/train", f"--data.val={data_dir}/val", f"--run_dir={run_dir}",
-        "--data.num_embeddings=1000", "--model.embedding_dim=8", "--model.mlp=32,16",
-        "--train.batch_size=256", "--train.epochs=2", "--train.log_every=20",
-        "--optimizer.embedding_lr=0.1", "--optimizer.dense_lr=0.003",
-    ]
 
 
 def test_main_on_two_ranks_learns_planted_signal(tiny_data, tmp_path):
     data_dir, oracle = tiny_data
     run_dir = tmp_path / "run"
-    results = launch(main, (small_args(data_dir, run_dir),), nproc=2)
+    results = launch(main, (small_args(data_dir, run_dir, "--train.log_every=20"),), nproc=2)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("world_size", "steps", "train_samples", "train_samples_per_s", "val_auc", "val_logloss"):

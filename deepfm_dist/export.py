@@ -1,0 +1,88 @@
+"""Export a (sharded, any world size) checkpoint as one unsharded state dict for inference.
+
+    deepfm-export runs/default/checkpoints            # the latest complete checkpoint
+    deepfm-export runs/default/checkpoints/step_000000244 --out model.pt
+
+Writes ``model.pt`` (a plain ``{name: tensor}`` dict: ``torch.load(path, weights_only=True)``
+reads it without unpickling objects) and ``model.pt.json`` (the training config, from which
+:func:`build_plain_model` rebuilds the module). Runs in one process, no process group: DCP
+reassembles every table from however many shards wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from deepfm_dist import checkpoint as ckpt
+from deepfm_dist.config import Config, build_config
+from deepfm_dist.loss import DeepFMTrain
+from deepfm_dist.model import DeepFM
+
+
+def build_plain_model(cfg: Config) -> DeepFMTrain:
+    """The unsharded model with its tables in ordinary CPU memory (same parameter names as
+    the sharded one)."""
+    model = DeepFM(
+        sparse_features=cfg.data.sparse,
+        table_sizes=cfg.data.table_sizes(),
+        num_dense=len(cfg.data.dense),
+        embedding_dim=cfg.model.embedding_dim,
+        mlp=cfg.model.mlp,
+        activation=cfg.model.activation,
+        batch_norm=cfg.model.batch_norm,
+        dropout=cfg.model.dropout,
+        init_std=cfg.model.init_std,
+        table_device="cpu",
+    )
+    return DeepFMTrain(model)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a checkpoint root (its latest complete checkpoint)."""
+    if os.path.isfile(os.path.join(path, ckpt.META)):
+        return path
+    latest = ckpt.latest(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (no {ckpt.META}) nor a folder holding complete ones")
+    return latest
+
+
+def consolidate(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
+    """(unsharded state dict, training config, meta) of the checkpoint at ``path``."""
+    path = resolve_checkpoint(path)
+    meta = ckpt.read_meta(path)
+    cfg = build_config(meta["config"])
+    state = build_plain_model(cfg).state_dict()
+    payload = {"model": state}
+    dcp.load(payload, checkpoint_id=path)
+    return payload["model"], cfg, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepfm-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="checkpoint directory, or a folder of checkpoints (latest is used)")
+    parser.add_argument("--out", default="model.pt", help="output file (default: model.pt)")
+    args = parser.parse_args(argv)
+    try:
+        state, cfg, meta = consolidate(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"deepfm-export: error: {e}", file=sys.stderr)
+        return 2
+    tmp = args.out + ".tmp"
+    torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, args.out)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"config": cfg.to_dict(), "step": meta["step"], "source": os.path.abspath(args.checkpoint)}, f, indent=1)
+    print(f"deepfm-export: step {meta['step']} ({len(state)} tensors, "
+          f"{sum(v.numel() for v in state.values()) * 4 / 2**20:.1f} MiB) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

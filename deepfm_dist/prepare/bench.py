@@ -1,0 +1,164 @@
+"""Benchmark of ``prepare-criteo``: MB/s of TSV and rows/s, per core and in total.
+
+    python -m deepfm_dist.prepare.bench --size-gb 1.0 --workers 2
+
+1. Writes a Criteo-format TSV of ``--size-gb`` (realistic nulls, negatives, cardinalities;
+   see ``synth_tsv``) into ``--dir`` (default: a temp dir), reusing a file of the same
+   size and seed left there by an earlier run. It was just written or read, so it sits
+   in the page cache: the figures measure the converter's CPU work, not the disk.
+2. Warm-up: converts the first ~32 MB once (imports, allocator, page cache of the code).
+3. Measured: converts the whole file with ``--split none`` in a fresh process, timed
+   around the process; peak RSS is the largest of this process and its descendants
+   (``getrusage``: the converter and each of its workers).
+
+Prints a table a person can compare, then one JSON line with the same figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+# Only the standard library here: this process forks the converter, and a forked child
+# starts with (and getrusage keeps, across exec) the parent's resident size, so a parent
+# holding numpy/pyarrow or generated data would inflate the converter's peak RSS.
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _ensure_tsv(path: str, size_bytes: int, seed: int) -> tuple[int, float]:
+    """Writes the TSV unless an earlier run left it; returns (bytes, seconds spent writing)."""
+    meta_path = path + ".json"
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta == {"size_bytes": size_bytes, "seed": seed, "file_bytes": os.path.getsize(path)}:
+            with open(path, "rb") as f:  # read it once: page cache, as after writing it
+                while f.read(8 << 20):
+                    pass
+            return os.path.getsize(path), 0.0
+    t = time.perf_counter()
+    code = "import sys; from deepfm_dist.prepare.synth_tsv import write_tsv; write_tsv(sys.argv[1], int(sys.argv[2]), seed=int(sys.argv[3]))"
+    subprocess.run([sys.executable, "-c", code, path, str(size_bytes), str(seed)], check=True)
+    with open(meta_path, "w") as f:
+        json.dump({"size_bytes": size_bytes, "seed": seed, "file_bytes": os.path.getsize(path)}, f)
+    return os.path.getsize(path), time.perf_counter() - t
+
+
+def _convert(args: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "deepfm_dist.prepare.criteo", *args], check=True)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deepfm_dist.prepare.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--size-gb", type=float, default=1.0, help="TSV to generate, in GB (1e9 bytes)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="converter processes")
+    p.add_argument("--dir", default=None, help="where the TSV and outputs go (default: a temp dir, deleted)")
+    p.add_argument("--chunk-mb", type=int, default=256)
+    p.add_argument("--compression", choices=("zstd", "snappy"), default="zstd")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.size_gb <= 0 or a.workers < 1:
+        p.error(f"--size-gb must be > 0 and --workers >= 1, got {a.size_gb} and {a.workers}")
+
+    work = a.dir or tempfile.mkdtemp(prefix="criteo-bench-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        tsv_path = os.path.join(work, f"criteo-{a.size_gb:g}gb-seed{a.seed}.txt")
+        size, gen_s = _ensure_tsv(tsv_path, int(a.size_gb * 1e9), a.seed)
+        common = ["--split", "none", "--chunk-mb", str(a.chunk_mb), "--compression", a.compression, "--quiet", "--overwrite"]
+
+        # Warm-up on a small head of the file (not timed).
+        head = os.path.join(work, "warmup.txt")
+        with open(tsv_path, "rb") as src, open(head, "wb") as dst:
+            data = src.read(32 << 20)
+            dst.write(data[: data.rfind(b"\n") + 1])
+        _convert(["--input", head, "--output", os.path.join(work, "warmup-out"), "--workers", "1", *common])
+
+        out_dir = os.path.join(work, "out")
+        seconds = _convert(["--input", tsv_path, "--output", out_dir, "--workers", str(a.workers), *common])
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+        rows = manifest["rows"]
+        out_bytes = sum(s["bytes"] for s in manifest["splits"].values())
+        # ru_maxrss is in KiB on Linux. CHILDREN: the largest of all waited-for descendants
+        # (the kernel folds grandchildren in): the generator, the converter, its workers.
+        # The generator is smaller than the converter; see synth_tsv.
+        rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    finally:
+        if a.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    cores = min(a.workers, len(os.sched_getaffinity(0)))
+    result = {
+        "tsv_bytes": size,
+        "rows": rows,
+        "workers": a.workers,
+        "cores_used": cores,
+        "seconds": round(seconds, 3),
+        "convert_seconds_in_process": manifest["convert_seconds"],
+        "mb_per_s": round(size / 1e6 / seconds, 1),
+        "mb_per_s_per_core": round(size / 1e6 / seconds / cores, 1),
+        "rows_per_s": round(rows / seconds),
+        "rows_per_s_per_core": round(rows / seconds / cores),
+        "peak_rss_mb": round(rss_children / 1024, 1),
+        "bench_process_rss_mb": round(rss_self / 1024, 1),
+        "versions": manifest["versions"],
+        "parquet_bytes": out_bytes,
+        "parquet_to_tsv": round(out_bytes / size, 3),
+        "compression": a.compression,
+        "chunk_mb": a.chunk_mb,
+        "generate_seconds": round(gen_s, 1),
+        "cpu": _cpu_model(),
+        "cpus_available": len(os.sched_getaffinity(0)),
+        "commit": _commit(),
+    }
+    rows_table = [
+        ("TSV", f"{size / 1e9:.2f} GB, {rows:,} rows"),
+        ("workers / cores used", f"{a.workers} / {cores} (of {result['cpus_available']} available)"),
+        ("wall time", f"{seconds:.2f} s (whole process; converting: {manifest['convert_seconds']:.2f} s)"),
+        ("throughput", f"{result['mb_per_s']:.1f} MB/s, {result['rows_per_s']:,} rows/s"),
+        ("per core", f"{result['mb_per_s_per_core']:.1f} MB/s, {result['rows_per_s_per_core']:,} rows/s"),
+        ("peak RSS, converter", f"{result['peak_rss_mb']:.0f} MB (largest process; this one: {result['bench_process_rss_mb']:.0f} MB)"),
+        ("Parquet", f"{out_bytes / 1e9:.3f} GB ({result['parquet_to_tsv']:.2f}x the TSV, {a.compression})"),
+        ("host", f"{result['cpu']}; " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()) + f"; commit {result['commit']}"),
+    ]
+    width = max(len(k) for k, _ in rows_table)
+    for k, v in rows_table:
+        print(f"{k:<{width}}  {v}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

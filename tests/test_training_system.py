@@ -1,0 +1,189 @@
+"""Pipeline vs plain loop, exact resume, resharding, NaN stop, failures on one rank, LR schedule.
+
+Real 2-rank gloo runs of the real entry point on a tiny planted data set (see conftest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from deepfm_dist import checkpoint as ckpt
+from deepfm_dist.config import OptimizerConfig
+from deepfm_dist.export import consolidate
+from deepfm_dist.optim import lr_factor
+from deepfm_dist.train import main
+from tests.conftest import small_args
+from tests.distributed_helpers import launch
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_pipeline_equals_plain_loop(tiny_data, tmp_path):
+    data, _ = tiny_data
+    extra = ("--train.epochs=1", "--train.eval_every=20", "--optimizer.warmup_steps=5", "--optimizer.decay=cosine")
+    launch(main, (small_args(data, tmp_path / "pipe", "--train.pipeline=true", *extra),), nproc=2)
+    launch(main, (small_args(data, tmp_path / "plain", "--train.pipeline=false", *extra),), nproc=2)
+    assert losses(tmp_path / "pipe") == losses(tmp_path / "plain")
+    pipe = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert [e["val_auc"] for e in pipe["evals"]] == [e["val_auc"] for e in plain["evals"]]
+    assert len(pipe["evals"]) == 3  # steps 20, 40 and the end of the epoch (46)
+    a, _, _ = consolidate(str(tmp_path / "pipe" / "checkpoints"))
+    b, _, _ = consolidate(str(tmp_path / "plain" / "checkpoints"))
+    assert_same_weights(a, b)
+
+
+def test_exact_resume_and_reshard(tiny_data, tmp_path):
+    data, _ = tiny_data
+    # The decay span is explicit: "until the last step" would differ between the 30- and
+    # 60-step jobs (a real schedule is fixed by the total run, not by where a job stops).
+    common = ("--train.epochs=2", "--checkpoint.every_steps=10", "--optimizer.decay=linear", "--optimizer.decay_steps=100",
+              "--optimizer.dense=adam", "--model.dropout=0.1")
+    # 2N = 60 steps straight (an epoch is 46 steps, so the resume point 30 is mid-epoch 1 and
+    # the run crosses an epoch boundary after it).
+    straight = tmp_path / "straight"
+    launch(main, (small_args(data, straight, "--train.max_steps=60", *common),), nproc=2)
+    # N = 30 steps, stop, then resume to 60 in a new job.
+    resumed = tmp_path / "resumed"
+    launch(main, (small_args(data, resumed, "--train.max_steps=30", *common),), nproc=2)
+    assert ckpt.list_complete(str(resumed / "checkpoints"))[-1][0] == 30
+    launch(main, (small_args(data, resumed, "--train.max_steps=60", "--resume", *common),), nproc=2)
+
+    want, got = losses(straight), losses(resumed)
+    assert set(want) == set(got) and max(want) == 60
+    assert want == got, "resumed loss curve differs from the uninterrupted one"
+    s, _, _ = consolidate(str(straight / "checkpoints"))
+    r, _, meta = consolidate(str(resumed / "checkpoints"))
+    assert meta["step"] == 60
+    assert_same_weights(s, r)  # bitwise on CPU
+
+    # Resharding: the 2-rank table-wise checkpoint of step 60 into 1 rank, row-wise.
+    reshard = tmp_path / "reshard"
+    args = small_args(data, reshard, "--train.max_steps=60", "--resume", "--sharding.type=row_wise",
+                      f"--checkpoint.dir={straight / 'checkpoints'}", "--checkpoint.keep=10", *common)
+    result = launch(main, (args,), nproc=1)[0]
+    assert result["steps"] == 60 and result["world_size"] == 1
+    straight_summary = json.loads((straight / "summary.json").read_text())
+    assert math.isclose(result["val_auc"], straight_summary["val_auc"], rel_tol=1e-6)
+    one_rank, _, _ = consolidate(str(straight / "checkpoints"))  # re-saved by the 1-rank run
+    assert_same_weights(s, one_rank)
+    assert all(p["sharding_type"] == "row_wise" for p in json.loads((reshard / "plan.json").read_text()))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(tiny_data, tmp_path):
+    data, _ = tiny_data
+    run = tmp_path / "nan"
+    args = small_args(data, run, "--optimizer.dense=sgd", "--optimizer.dense_lr=1e38", "--optimizer.warmup_steps=4",
+                      "--checkpoint.every_steps=1", "--train.log_every=1", "--train.epochs=1")
+    with pytest.raises(Exception) as e:
+        launch(main, (args,), nproc=2)
+    text = str(e.value) + "".join(str(f) for f in getattr(e.value, "failures", {}).values())
+    saved = [s for s, _ in ckpt.list_complete(str(run / "checkpoints"))]
+    bad_steps = [r["step"] for r in read_metrics(run) if "loss" in r and not math.isfinite(r["loss"])]
+    assert not bad_steps, "a non-finite loss was logged as if it were good"
+    assert saved, "the steps before the blow-up should have been checkpointed"
+    first_bad = max(saved) + 1
+    error_file_text = _worker_errors(e.value)
+    assert f"non-finite training loss at step {first_bad}" in error_file_text, (text, error_file_text)
+
+
+def _worker_errors(exc) -> str:
+    """The exception messages the failed workers recorded (torchelastic error files)."""
+    out = []
+    for failure in getattr(exc, "failures", {}).values():
+        out.append(str(failure.message))
+    return "\n".join(out)
+
+
+def _corrupt_label_set(src, dst) -> None:
+    """Copy the tiny set, with label 2 in the last training file (rank 1's share only)."""
+    import pyarrow.parquet as pq
+    import shutil
+
+    shutil.copytree(src, dst)
+    files = sorted((dst / "train").glob("*.parquet"))
+    table = pq.read_table(files[-1])
+    labels = table.column("label").to_pylist()
+    labels[-1] = 2
+    import pyarrow as pa
+
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, type=table.schema.field("label").type))
+    pq.write_table(table, files[-1], row_group_size=1_000)
+
+
+def test_failure_on_one_rank_ends_every_rank_quickly(tiny_data, tmp_path):
+    data, _ = tiny_data
+    bad = tmp_path / "bad"
+    _corrupt_label_set(data, bad)
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as e:
+        launch(main, (small_args(bad, tmp_path / "run", "--train.epochs=1"),), nproc=2)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 60, f"the healthy rank was not stopped for {elapsed:.0f} s"
+    assert "label" in _worker_errors(e.value)
+
+
+def test_distributed_auc_equals_single_process_reference():
+    from tests.distributed_helpers import launch as run
+
+    result = run(_auc_worker, (), nproc=2)
+    logits = torch.cat([_rank_predictions(0)[0], _rank_predictions(1)[0]])
+    labels = torch.cat([_rank_predictions(0)[1], _rank_predictions(1)[1]])
+    from deepfm_dist.metrics import exact_auc, logloss
+
+    for rank in (0, 1):
+        auc, ll, n = result[rank]
+        assert n == logits.numel()
+        assert math.isclose(auc, exact_auc(logits, labels), rel_tol=1e-12)
+        assert math.isclose(ll, logloss(logits, labels), rel_tol=1e-12)
+
+
+def _rank_predictions(rank: int):
+    g = torch.Generator().manual_seed(rank)
+    n = 1000 + 337 * rank  # ranks hold different numbers of rows
+    labels = torch.randint(0, 2, (n,), generator=g).float()
+    logits = torch.randn(n, generator=g) + labels
+    return logits, labels
+
+
+def _auc_worker():
+    from deepfm_dist.distributed.env import destroy, init_distributed
+    from deepfm_dist.metrics import global_auc_logloss
+
+    env = init_distributed("cpu")
+    out = global_auc_logloss(*_rank_predictions(env.rank))
+    destroy()
+    return out
+
+
+def test_lr_schedule_shapes():
+    warm = OptimizerConfig(warmup_steps=4)
+    assert [lr_factor(warm, s, 100) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    step = OptimizerConfig(decay="step", decay_steps=10, decay_gamma=0.5)
+    assert [lr_factor(step, s, 100) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    lin = OptimizerConfig(decay="linear", min_lr_ratio=0.1)
+    assert lr_factor(lin, 0, 11) == 1.0 and math.isclose(lr_factor(lin, 10, 11), 0.1)
+    cos = OptimizerConfig(warmup_steps=2, decay="cosine")
+    assert lr_factor(cos, 2, 13) == 1.0 and math.isclose(lr_factor(cos, 7, 13), 0.5) and lr_factor(cos, 12, 13) == 0.0
