@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from deepfm_dist.config import ConfigError, load_config
 
 USAGE = """usage: deepfm-train [--config FILE.toml] [--SECTION.KEY=VALUE ...]
@@ -26,6 +28,7 @@ def _help_keys() -> str:
     return "\n".join(lines)
 
 
+@record  # torchrun's failure report then carries the exception message, not only an exit code
 def main(argv: list[str] | None = None) -> dict:
     """Parse the configuration and train; returns the run summary (the same on every rank)."""
     argv = list(sys.argv[1:] if argv is None else argv)

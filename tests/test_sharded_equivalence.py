@@ -147,7 +147,9 @@ def reference(cfg: Config) -> tuple[list[float], dict, dict]:
     return losses, tables, dense
 
 
-@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "row_wise", "data_parallel"])
+@pytest.mark.parametrize(
+    "sharding_type", ["table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise", "data_parallel"]
+)
 def test_two_ranks_match_single_process(sharding_type):
     results = launch(rank_worker, (sharding_type,), nproc=2)
     ref_losses, ref_tables, ref_dense = reference(make_config(sharding_type))

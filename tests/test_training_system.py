@@ -187,3 +187,19 @@ def test_lr_schedule_shapes():
     assert lr_factor(lin, 0, 11) == 1.0 and math.isclose(lr_factor(lin, 10, 11), 0.1)
     cos = OptimizerConfig(warmup_steps=2, decay="cosine")
     assert lr_factor(cos, 2, 13) == 1.0 and math.isclose(lr_factor(cos, 7, 13), 0.5) and lr_factor(cos, 12, 13) == 0.0
+
+
+def test_unsatisfiable_constraint_names_table_and_constraint():
+    from deepfm_dist.config import Config, DataConfig, ShardingConfig
+    from deepfm_dist.distributed.env import DistEnv
+    from deepfm_dist.distributed.sharding import make_sharder, plan_sharding
+    from deepfm_dist.trainer import build_model
+
+    cfg = Config(
+        data=DataConfig(train=["x"], val=["x"], num_embeddings_per_feature=[5_000_000] + [100] * 25),
+        sharding=ShardingConfig(type="auto", tables={"C1": "table_wise"}, host_memory_gb=0.25),
+    )
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(RuntimeError) as e:
+        plan_sharding(build_model(cfg), cfg, env, make_sharder(cfg))
+    assert "t_C1" in str(e.value) and "sharding.tables.C1='table_wise'" in str(e.value), str(e.value)

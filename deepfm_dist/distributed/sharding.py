@@ -119,6 +119,40 @@ def make_topology(cfg: Config, env: DistEnv):
     return TopologyFactory.create_topology(trainer_config=trainer, kernel_config=kernel)
 
 
+_STATE_PER_WEIGHT = {"sgd": 0.0, "adagrad": 1.0, "adam": 2.0, "partial_rowwise_adam": 1.0}
+
+
+def table_bytes(cfg: Config, feature: str) -> int:
+    """fp32 weights plus fused optimizer state of one table."""
+    rows, dim = cfg.data.table_sizes()[feature], table_dim(cfg.model.embedding_dim)
+    if cfg.optimizer.embedding == "rowwise_adagrad":
+        return rows * (dim + 1) * 4
+    return int(rows * dim * 4 * (1 + _STATE_PER_WEIGHT[cfg.optimizer.embedding]))
+
+
+def check_constraints_fit(cfg: Config, budget_bytes: int, world_size: int) -> None:
+    """Name the table and the constraint when a table cannot fit, before the planner runs.
+
+    A table constrained to one rank (table_wise, data_parallel) must fit a rank's budget; a
+    split table (row/column-wise) must fit across the ranks. The planner would only say
+    "insufficient storage".
+    """
+    usable = budget_bytes * 0.85  # what FixedPercentageStorageReservation(0.15) leaves
+    for feature in cfg.data.sparse:
+        kind = cfg.sharding.tables.get(feature, cfg.sharding.type)
+        key = f"sharding.tables.{feature}" if feature in cfg.sharding.tables else "sharding.type"
+        need = table_bytes(cfg, feature)
+        ranks = 1 if kind in ("table_wise", "data_parallel") else world_size
+        if need > usable * ranks:
+            where = "one rank" if ranks == 1 else f"{ranks} ranks"
+            raise RuntimeError(
+                f"table {table_name(feature)} ({cfg.data.table_sizes()[feature]:,} rows, {need / 2**30:.2f} GiB with "
+                f"{cfg.optimizer.embedding} state) does not fit {where} under {key}={kind!r}: "
+                f"{usable / 2**30:.2f} GiB usable per rank. Use row_wise/table_row_wise, more ranks, "
+                f"or a larger sharding.host_memory_gb."
+            )
+
+
 def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMSharder) -> ShardingPlan:
     """Plan on rank 0 and broadcast the plan, or the planner's error, to every rank.
 
@@ -129,8 +163,11 @@ def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMS
     result: ShardingPlan | str
     if env.is_main:
         try:
+            topology = make_topology(cfg, env)
+            budget = topology.devices[0].storage.hbm if env.device.type == "cuda" else topology.devices[0].storage.ddr
+            check_constraints_fit(cfg, budget, env.world_size)
             planner = EmbeddingShardingPlanner(
-                topology=make_topology(cfg, env),
+                topology=topology,
                 batch_size=cfg.train.batch_size,
                 constraints=table_constraints(cfg),
                 storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
@@ -138,7 +175,7 @@ def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMS
             )
             result = planner.plan(module, [sharder])
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            result = f"sharding plan failed: {type(e).__name__}: {e}"
+            result = f"sharding plan failed: {e}" if isinstance(e, RuntimeError) else f"sharding plan failed: {type(e).__name__}: {e}"
     else:
         result = ""
     result = broadcast_result(env, result)
