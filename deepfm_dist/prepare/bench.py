@@ -8,8 +8,8 @@
    in the page cache: the figures measure the converter's CPU work, not the disk.
 2. Warm-up: converts the first ~32 MB once (imports, allocator, page cache of the code).
 3. Measured: converts the whole file with ``--split none`` in a fresh process, timed
-   around the process; peak RSS is the largest of this process and its descendants
-   (``getrusage``: the converter and each of its workers).
+   around the process; peak RSS is read by ``getrusage`` inside the converter process
+   (RUSAGE_SELF: its main process, RUSAGE_CHILDREN: its largest worker).
 
 Prints a table a person can compare, then one JSON line with the same figures.
 """
@@ -20,16 +20,15 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-# Only the standard library here: this process forks the converter, and a forked child
-# starts with (and getrusage keeps, across exec) the parent's resident size, so a parent
-# holding numpy/pyarrow or generated data would inflate the converter's peak RSS.
+# Only the standard library here, and the TSV is generated in a subprocess: peak RSS is
+# measured inside the converter process (getrusage SELF, and CHILDREN for its workers),
+# and a forked child starts with its parent's resident size, which getrusage keeps.
 
 
 def _cpu_model() -> str:
@@ -72,10 +71,25 @@ def _ensure_tsv(path: str, size_bytes: int, seed: int) -> tuple[int, float]:
     return os.path.getsize(path), time.perf_counter() - t
 
 
-def _convert(args: list[str]) -> float:
+_CONVERT = """
+import json, resource, sys
+from deepfm_dist.prepare.criteo import main
+rc = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump({"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, f)
+sys.exit(rc)
+"""
+
+
+def _convert(args: list[str], rss_path: str) -> tuple[float, dict[str, int]]:
+    """Runs the converter in a fresh process; returns (seconds, peak RSS in KiB of its main
+    process and of its largest worker, from getrusage inside that process)."""
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "deepfm_dist.prepare.criteo", *args], check=True)
-    return time.perf_counter() - t
+    subprocess.run([sys.executable, "-c", _CONVERT, rss_path, *args], check=True)
+    seconds = time.perf_counter() - t
+    with open(rss_path) as f:
+        return seconds, json.load(f)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,19 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         with open(tsv_path, "rb") as src, open(head, "wb") as dst:
             data = src.read(32 << 20)
             dst.write(data[: data.rfind(b"\n") + 1])
-        _convert(["--input", head, "--output", os.path.join(work, "warmup-out"), "--workers", "1", *common])
+        _convert(["--input", head, "--output", os.path.join(work, "warmup-out"), "--workers", "1", *common], os.path.join(work, "rss.json"))
 
         out_dir = os.path.join(work, "out")
-        seconds = _convert(["--input", tsv_path, "--output", out_dir, "--workers", str(a.workers), *common])
+        seconds, rss = _convert(["--input", tsv_path, "--output", out_dir, "--workers", str(a.workers), *common], os.path.join(work, "rss.json"))
         with open(os.path.join(out_dir, "manifest.json")) as f:
             manifest = json.load(f)
         rows = manifest["rows"]
         out_bytes = sum(s["bytes"] for s in manifest["splits"].values())
-        # ru_maxrss is in KiB on Linux. CHILDREN: the largest of all waited-for descendants
-        # (the kernel folds grandchildren in): the generator, the converter, its workers.
-        # The generator is smaller than the converter; see synth_tsv.
-        rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     finally:
         if a.dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -131,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         "mb_per_s_per_core": round(size / 1e6 / seconds / cores, 1),
         "rows_per_s": round(rows / seconds),
         "rows_per_s_per_core": round(rows / seconds / cores),
-        "peak_rss_mb": round(rss_children / 1024, 1),
-        "bench_process_rss_mb": round(rss_self / 1024, 1),
+        # ru_maxrss is in KiB on Linux. With one worker, the converting happens in "main".
+        "peak_rss_mb": round(max(rss["main"], rss["workers"]) / 1024, 1),
+        "peak_rss_main_mb": round(rss["main"] / 1024, 1),
+        "peak_rss_worker_mb": round(rss["workers"] / 1024, 1) if a.workers > 1 else None,
         "versions": manifest["versions"],
         "parquet_bytes": out_bytes,
         "parquet_to_tsv": round(out_bytes / size, 3),
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         ("wall time", f"{seconds:.2f} s (whole process; converting: {manifest['convert_seconds']:.2f} s)"),
         ("throughput", f"{result['mb_per_s']:.1f} MB/s, {result['rows_per_s']:,} rows/s"),
         ("per core", f"{result['mb_per_s_per_core']:.1f} MB/s, {result['rows_per_s_per_core']:,} rows/s"),
-        ("peak RSS, converter", f"{result['peak_rss_mb']:.0f} MB (largest process; this one: {result['bench_process_rss_mb']:.0f} MB)"),
+        ("peak RSS", f"{result['peak_rss_main_mb']:.0f} MB main process" + (f", {result['peak_rss_worker_mb']:.0f} MB largest worker" if a.workers > 1 else "")),
         ("Parquet", f"{out_bytes / 1e9:.3f} GB ({result['parquet_to_tsv']:.2f}x the TSV, {a.compression})"),
         ("host", f"{result['cpu']}; " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()) + f"; commit {result['commit']}"),
     ]

@@ -191,13 +191,15 @@ class _SplitWriter:
             self._flush(self.pending_rows)
         if self.writer is None:
             return None
-        self.writer.close()
+        writer, self.writer = self.writer, None
+        writer.close()
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())  # the data is on disk before the name says it is complete
         os.replace(self.tmp, self.final)
         return {"bytes": os.path.getsize(self.final), "rows": self.rows}
 
     def abort(self) -> None:
+        """Drops the temp file (a no-op after ``close``, which renamed it)."""
         try:
             if self.writer is not None:
                 self.writer.close()
@@ -278,7 +280,7 @@ def _convert_chunk(
         outputs = []
         for name in split_names:  # close in split order: deterministic record contents
             if name in writers:
-                info = writers.pop(name).close()
+                info = writers[name].close()
                 if info is not None:
                     rel = os.path.relpath(state.output_path(s.out_dir, name, inp.prefix, chunk), s.out_dir)
                     outputs.append({"split": name, "path": rel, **info})

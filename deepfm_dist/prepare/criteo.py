@@ -558,7 +558,11 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             print(f"prepare-criteo: resuming: {skipped} chunk(s) already converted", file=sys.stderr)
         t_convert = time.monotonic()
         if tasks:
-            _run(cfg, tasks, bar(total=todo_bytes, desc="convert", unit="B", unit_scale=True))
+            try:
+                _run(cfg, tasks, bar(total=todo_bytes, desc="convert", unit="B", unit_scale=True))
+            except BaseException:
+                state.remove_stale_temps(out)  # ours: we hold the lock
+                raise
         convert_s = time.monotonic() - t_convert
 
         records = _collect_records(out, plan, fp)
