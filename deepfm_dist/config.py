@@ -33,6 +33,8 @@ COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 DEVICES = ("auto", "cpu", "cuda")
+DENSE_TRANSFORMS = ("log1p", "none")
+POOLINGS = ("sum", "mean")
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
@@ -56,24 +58,69 @@ class DataConfig:
     label: str = "label"
     """Name of the 0/1 label column."""
     dense: list[str] = field(default_factory=lambda: list(CRITEO_DENSE))
-    """Dense (numeric) columns; nulls become 0, then ``log1p(max(x, 0))``."""
+    """Dense (numeric) columns; nulls become 0, then ``dense_transform``."""
     sparse: list[str] = field(default_factory=lambda: list(CRITEO_SPARSE))
-    """Categorical columns, one embedding table each (int64 or string values; nulls allowed)."""
+    """Categorical columns, one embedding table each unless ``shared_tables`` says otherwise
+    (int64 or string values; nulls allowed; list columns if named in ``multi_hot``)."""
     num_embeddings: int = 100_000
     """Rows per embedding table; raw ids are hashed into [1, num_embeddings), row 0 holds nulls."""
     num_embeddings_per_feature: list[int] = field(default_factory=list)
     """Optional per-column table sizes (same order as ``sparse``); overrides ``num_embeddings``."""
     hash_seed: int = 0
     """Salt of the id hash; changing it re-maps every id (and invalidates trained tables)."""
+    shuffle: bool = True
+    """Training: shuffle the row-group order each epoch (by train.seed and the epoch) and the
+    rows within the shuffle buffer; false reads the files in order. Evaluation never shuffles."""
+    shuffle_buffer: int = 131_072
+    """Rows shuffled together in memory (rounded up to whole batches; 0: only the row-group
+    order is shuffled). Costs about 270 bytes per row with the Criteo columns (~35 MB)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: read in the training process). Default 0: on
+    CPU the ranks already use every core and one loader process reads over 1M rows/s, far
+    more than a CPU step consumes; use 1-4 per GPU rank, where steps are much faster."""
+    prefetch: int = 2
+    """Row groups read ahead by a background thread in each loader process (0: read when
+    needed). Memory per loader process: about (prefetch + 1) row groups plus the shuffle buffer."""
+    dense_transform: str = "log1p"
+    """Dense columns after nulls/NaN/inf -> 0: log1p (``log1p(max(x, 0))``, for heavy-tailed
+    counts such as Criteo's) or none (the values as float32)."""
+    multi_hot: list[str] = field(default_factory=list)
+    """Sparse columns of Parquet type list<int64> (or list<string>): a bag of ids per row, e.g.
+    a click history; a null or empty list is an empty bag."""
+    weighted: dict[str, str] = field(default_factory=dict)
+    """Weighted features, sparse column -> its weights column (list<float> beside a
+    list<int64> ids column with the same lengths; float beside a scalar id column)."""
+    shared_tables: dict[str, str] = field(default_factory=dict)
+    """Sparse column -> embedding table name; columns naming the same table share it (they
+    must have the same size and pooling). A column not listed has its own table."""
+    pooling: dict[str, str] = field(default_factory=dict)
+    """Sparse column -> sum or mean over its ids in a row (default sum)."""
+    skip_bad_row_groups: bool = False
+    """Skip row groups that cannot be read or hold bad values (and empty files/row groups)
+    instead of stopping; their rows become weight-0 padding so every rank keeps the same
+    number of batches, and each skip is counted and reported."""
 
     def __post_init__(self) -> None:
         _require(len(self.train) > 0, "data.train", self.train, "at least one path, directory or glob")
         _require(len(self.val) > 0, "data.val", self.val, "at least one path, directory or glob")
         _require(bool(self.label), "data.label", self.label, "a column name")
         _require(len(self.sparse) > 0, "data.sparse", self.sparse, "at least one categorical column")
-        cols = [self.label, *self.dense, *self.sparse]
+        cols = [self.label, *self.dense, *self.sparse, *self.weighted.values()]
         dup = sorted({c for c in cols if cols.count(c) > 1})
-        _require(not dup, "data.dense/data.sparse", dup, "each column named once (duplicates found)")
+        _require(not dup, "data.dense/data.sparse/data.weighted", dup, "each column named once (duplicates found)")
+        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 0 (rows)")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        _require(self.prefetch >= 0, "data.prefetch", self.prefetch, "an integer >= 0 (row groups)")
+        _require(self.dense_transform in DENSE_TRANSFORMS, "data.dense_transform", self.dense_transform,
+                 f"one of {', '.join(DENSE_TRANSFORMS)}")
+        for key, names in (("data.multi_hot", self.multi_hot), ("data.weighted", list(self.weighted)),
+                           ("data.shared_tables", list(self.shared_tables)), ("data.pooling", list(self.pooling))):
+            unknown = [c for c in names if c not in self.sparse]
+            _require(not unknown, key, unknown, f"names of sparse columns ({', '.join(self.sparse)})")
+        for col, table in self.shared_tables.items():
+            _require(bool(table), f"data.shared_tables.{col}", table, "a table name")
+        for col, mode in self.pooling.items():
+            _require(mode in POOLINGS, f"data.pooling.{col}", mode, f"one of {', '.join(POOLINGS)}")
         _require(self.num_embeddings >= 2, "data.num_embeddings", self.num_embeddings, "an integer >= 2")
         if self.num_embeddings_per_feature:
             n = len(self.num_embeddings_per_feature)
@@ -89,6 +136,20 @@ class DataConfig:
                 self.num_embeddings_per_feature,
                 "sizes >= 2",
             )
+        # torchrec pools per table and a table has one size: features sharing one must agree.
+        sizes = self.table_sizes()
+        tables: dict[str, list[str]] = {}
+        for col in self.sparse:
+            tables.setdefault(self.shared_tables.get(col, col), []).append(col)
+        for table, group in tables.items():
+            for what, per_col in (("size", sizes), ("pooling", {c: self.pooling.get(c, "sum") for c in group})):
+                values = {c: per_col[c] for c in group}
+                _require(
+                    len(set(values.values())) == 1,
+                    "data.shared_tables",
+                    self.shared_tables,
+                    f"one {what} per shared table; table {table!r} has {values}",
+                )
 
     def table_sizes(self) -> dict[str, int]:
         """Rows of each sparse column's table, in ``sparse`` order."""

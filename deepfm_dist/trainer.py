@@ -321,6 +321,9 @@ class Trainer:
         else:
             states = [position]
         self.state.loader_states = states
+        # DCP stores one copy of a replicated tensor, from whichever rank it picks; make the
+        # BatchNorm statistics rank 0's (the ones DDP broadcasts at the next step) everywhere.
+        sync_dense_buffers(self.model, self.env)
         path = ckpt.save(
             self.cfg.checkpoint_dir,
             model=self.model,

@@ -491,3 +491,21 @@ def test_streamed_and_seeked_chunks_agree(tmp_path):
             assert k == start // chunk_bytes and (start == 0 or text[start - 1 : start] == b"\n")
         assert b"".join(text[s:e] for _, s, e in seeked) == text
         assert sum(blocks.count_lines(str(path), s, e) for _, s, e in seeked) == len(lengths) + 1
+
+
+def test_input_without_newlines_fails_fast(tmp_path, capsys):
+    lines = make_lines(20, seed=22)
+    path = tmp_path / "train.txt"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"x" * (blocks.MAX_LINE_BYTES + 10))
+    assert run("--input", path, "--output", tmp_path / "out", *SMALL) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: the line starting at byte {len(chr(10).join(lines)) + 1:,}" in err and "no newline" in err
+
+
+def test_bench_smoke(tmp_path, capsys):
+    from deepfm_dist.prepare import bench
+
+    assert bench.main(["--size-gb", "0.002", "--workers", "1", "--dir", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tsv_bytes"] >= 2_000_000 and result["rows"] > 0
+    assert result["mb_per_s"] > 0 and result["peak_rss_mb"] > 0

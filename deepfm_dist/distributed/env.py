@@ -44,6 +44,26 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this restart attempt.
+
+    After ``torchrun --max-restarts`` restarts the workers, torch 2.13's default ``env://``
+    init lets gloo read the previous attempt's peer addresses from the agent's store, and the
+    restarted ranks fail with "connectFullMesh failed ... Connection refused" (reproduced with
+    a 10-line script). Prefixing the keys with the restart count keeps attempts apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_store and rank == 0,  # under torchrun the agent hosts the store
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"deepfm/attempt_{attempt}", store)
+
+
 def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistEnv:
     """Join (or create) the default process group: NCCL for CUDA, gloo for CPU.
 
@@ -63,11 +83,13 @@ def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
+            store=_attempt_store(rank, world_size, timeout),
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)

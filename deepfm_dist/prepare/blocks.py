@@ -28,6 +28,17 @@ from typing import BinaryIO
 BLOCK_BYTES = 16 << 20
 """Default read size: big enough to amortise per-block costs, small enough to keep a
 worker's memory at a few hundred MB."""
+MAX_LINE_BYTES = 1 << 20
+"""A Criteo line is ~250 bytes; a 'line' over 1 MiB means the input is not TSV text, and
+reading on until a newline would load the whole file."""
+
+
+class LineTooLongError(ValueError):
+    """No newline within ``MAX_LINE_BYTES``; ``offset`` is where that line starts."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
 
 
 def is_gzip(path: str) -> bool:
@@ -79,13 +90,17 @@ def plain_chunks(path: str, chunk_bytes: int) -> list[tuple[int, int, int]]:
     return [(s // chunk_bytes, s, e) for s, e in zip(starts, ends)]
 
 
-def iter_line_blocks(read: Callable[[int], bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+def iter_line_blocks(
+    read: Callable[[int], bytes], block_bytes: int = BLOCK_BYTES, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[bytes]:
     """Consecutive pieces of a stream, each made of whole lines ending in ``\\n``.
 
     Concatenated, the pieces are the stream's bytes, except that a final line without a
-    newline gets one. A line longer than ``block_bytes`` makes a longer piece.
+    newline gets one. A line longer than ``block_bytes`` makes a longer piece; one longer
+    than ``max_line_bytes`` raises ``LineTooLongError`` (offset relative to the stream).
     """
     carry = b""
+    offset = 0  # of ``carry`` in the stream
     while True:
         data = read(block_bytes)
         if not data:
@@ -95,8 +110,11 @@ def iter_line_blocks(read: Callable[[int], bytes], block_bytes: int = BLOCK_BYTE
         buf = carry + data if carry else data
         cut = buf.rfind(b"\n") + 1
         if cut == 0:
+            if len(buf) > max_line_bytes:
+                raise LineTooLongError(offset)
             carry = buf
             continue
+        offset += cut
         if cut == len(buf):
             carry = b""
             yield buf

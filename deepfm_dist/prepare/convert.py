@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deepfm_dist.prepare import blocks, state, tsv
-from deepfm_dist.prepare.errors import BadLineError
+from deepfm_dist.prepare.errors import BadLineError, PrepareError
 
 MAX_BAD_EXAMPLES = 10
 """Bad lines kept per chunk, with their reasons, for the manifest."""
@@ -126,12 +126,20 @@ class CountTask:
 
 
 def run_task(task: ChunkTask | GzTask | CountTask) -> Any:
-    if isinstance(task, ChunkTask):
-        return [convert_plain_chunk(task)]
-    if isinstance(task, GzTask):
-        return convert_gz_file(task)
-    if isinstance(task, CountTask):
-        return count_task(task)
+    try:
+        if isinstance(task, ChunkTask):
+            return [convert_plain_chunk(task)]
+        if isinstance(task, GzTask):
+            return convert_gz_file(task)
+        if isinstance(task, CountTask):
+            return count_task(task)
+    except blocks.LineTooLongError as e:
+        path = task.path if isinstance(task, CountTask) else task.input.path
+        start = task.start if isinstance(task, (ChunkTask, CountTask)) else 0
+        raise PrepareError(
+            f"{path}: the line starting at byte {start + e.offset:,} of the text has no newline within "
+            f"{blocks.MAX_LINE_BYTES:,} bytes; a Criteo line is ~250 bytes: is this the right file?"
+        ) from None
     raise TypeError(f"unknown task {task!r}")
 
 

@@ -15,8 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from deepfm_dist.data.hashing import splitmix64
-
 # Kaggle Criteo statistics (share of empty fields, distinct values per categorical column).
 DENSE_NULL = [0.45, 0.0, 0.21, 0.22, 0.026, 0.22, 0.043, 0.0005, 0.043, 0.45, 0.043, 0.76, 0.22]
 DENSE_LOG_MEAN = [0.7, 2.5, 2.0, 1.5, 7.5, 3.5, 1.5, 2.3, 3.5, 0.3, 1.0, 0.3, 1.5]
@@ -29,6 +27,15 @@ I2_NEGATIVE_RATE = 0.03
 CTR = 0.256
 
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """A 64-bit multiply-xorshift mixer, top 32 bits: spreads ranks like Criteo's hashes.
+    (Local rather than deepfm_dist.data.hashing, whose package import pulls in torch.)"""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)
+        return (z >> np.uint64(32)).astype(np.uint32)
 
 
 def _hex8(values: np.ndarray) -> pa.Array:
@@ -61,7 +68,7 @@ def tsv_lines(rows: int, rng: np.random.Generator) -> bytes:
         card = SPARSE_CARDINALITY[i]
         # Zipf-like ranks: a power of a uniform concentrates mass on the first ranks.
         ranks = np.floor(card * rng.random(rows) ** 4).astype(np.uint64)
-        hashed = splitmix64(ranks + np.uint64(1_000_003 * (i + 1))) & np.uint64(0xFFFFFFFF)
+        hashed = _mix32(ranks + np.uint64(1_000_003 * (i + 1)))
         columns.append(_with_nulls(_hex8(hashed), SPARSE_NULL[i], rng))
     lines = pc.binary_join_element_wise(*columns, "\t")
     lines = pc.binary_join_element_wise(lines, "\n", "")
@@ -71,6 +78,7 @@ def tsv_lines(rows: int, rng: np.random.Generator) -> bytes:
 
 def write_tsv(path: str, size_bytes: int, seed: int = 0, batch_rows: int = 100_000) -> int:
     """Writes at least ``size_bytes`` of Criteo TSV (whole lines) to ``path``; returns rows."""
+    batch_rows = max(1, min(batch_rows, size_bytes // 240 + 1))  # no 24 MB batch for a 1 MB file
     rng = np.random.default_rng(seed)
     written = rows = 0
     with open(path, "wb") as f:

@@ -36,6 +36,8 @@ from deepfm_dist.prepare import state, tsv
 NULL_VALUE = -1
 """Stands for an empty field (null) in vocabularies."""
 
+COLUMNS = tsv.SPARSE
+"""The categorical columns that get a vocabulary."""
 VOCAB_SCHEMA = pa.schema([("value", pa.int64()), ("id", pa.int64()), ("count", pa.int64())])
 
 
@@ -167,6 +169,3 @@ def apply_vocab(
 def vocab_task(args: tuple[str, list[str], str, int, int]) -> dict[str, Any]:
     """Pool entry point: ``(out_dir, files, column, threshold, partitions)``."""
     return build_column(*args)
-
-
-COLUMNS = tsv.SPARSE

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One Slurm task per node runs this: a torchrun agent that joins the job's c10d rendezvous on
+# the head node and starts this node's ranks. Called by slurm/train.sbatch through srun.
+#
+# Knobs (environment): HEAD_NODE (set by train.sbatch), MASTER_PORT (default 29500),
+# NPROC_PER_NODE (default: GPUs on this node, else CPU_RANKS_PER_NODE, default 2),
+# MAX_RESTARTS (torchrun elastic restarts, default 3), RUN_DIR, CONFIG, VENV.
+# Arguments are passed through to deepfm_dist.train.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${VENV:-$ROOT/.venv}"
+: "${HEAD_NODE:?HEAD_NODE must be set (slurm/train.sbatch sets it)}"
+: "${SLURM_NNODES:?not inside a Slurm allocation (SLURM_NNODES unset)}"
+: "${SLURM_JOB_ID:?not inside a Slurm allocation (SLURM_JOB_ID unset)}"
+
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NGPU="$("$VENV/bin/python" -c 'import torch; print(torch.cuda.device_count())')"
+  if [[ "$NGPU" -gt 0 ]]; then NPROC_PER_NODE="$NGPU"; else NPROC_PER_NODE="${CPU_RANKS_PER_NODE:-2}"; fi
+fi
+# Ranks x threads must not exceed the cores given to this task.
+CORES="${SLURM_CPUS_ON_NODE:-$(nproc)}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC_PER_NODE > 0 ? CORES / NPROC_PER_NODE : 1 ))}"
+
+CONFIG_ARGS=()
+if [[ -n "${CONFIG:-}" ]]; then CONFIG_ARGS=(--config "$CONFIG"); fi
+
+# --resume: a requeued job (same SLURM_JOB_ID, so the same RUN_DIR) continues from its latest
+# checkpoint; a fresh job finds none and starts from scratch.
+exec "$VENV/bin/torchrun" \
+  --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+  --rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:${MASTER_PORT:-29500}" --rdzv_id="$SLURM_JOB_ID" \
+  --max-restarts="${MAX_RESTARTS:-3}" \
+  -m deepfm_dist.train "${CONFIG_ARGS[@]}" --run_dir="${RUN_DIR:-runs/slurm-$SLURM_JOB_ID}" --resume "$@"
