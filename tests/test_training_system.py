@@ -118,7 +118,7 @@ def _worker_errors(exc) -> str:
 
 
 def _corrupt_label_set(src, dst) -> None:
-    """Copy the tiny set, with label 2 in the last training file (rank 1's share only)."""
+    """Copy the tiny set, with label 2 at global row 18,000 (rank 1's share, 6 batches in)."""
     import pyarrow.parquet as pq
     import shutil
 
@@ -126,7 +126,7 @@ def _corrupt_label_set(src, dst) -> None:
     files = sorted((dst / "train").glob("*.parquet"))
     table = pq.read_table(files[-1])
     labels = table.column("label").to_pylist()
-    labels[-1] = 2
+    labels[2_000] = 2  # files hold 8,000 rows each: the last one starts at global row 16,000
     import pyarrow as pa
 
     table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, type=table.schema.field("label").type))
