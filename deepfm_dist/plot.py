@@ -1,0 +1,103 @@
+"""Render run directories to a PNG: training loss, validation AUC and logloss, throughput.
+
+    deepfm-plot runs/default --out default.png
+    deepfm-plot runs/a runs/b runs/c --out compare.png --labels "lr 0.05,lr 0.1,lr 0.2"
+
+Reads ``<run_dir>/metrics.jsonl`` (written by rank 0 during training, appended across resumes);
+several runs are overlaid in one figure, each in its own colour, x axis = samples seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def read_run(run_dir: str) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run; later records win on a repeated step (resume)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (expected a deepfm-train run directory)")
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
+            (evals if "val_auc" in record else train)[record["step"]] = record
+    return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
+
+
+def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    (ax_loss, ax_auc), (ax_ll, ax_tp) = axes
+    oracle = None
+    for run_dir, label in zip(run_dirs, labels):
+        train, evals = read_run(run_dir)
+        color = ax_loss._get_lines.get_next_color()
+        if train:
+            samples = [r["samples"] for r in train]
+            ax_loss.plot(samples, [r["loss"] for r in train], color=color, label=label)
+            ax_tp.plot(samples, [r["samples_per_s"] for r in train], color=color, label=label)
+        if evals:
+            samples = [r["samples"] for r in evals]
+            ax_auc.plot(samples, [r["val_auc"] for r in evals], "o-", color=color, label=label)
+            ax_ll.plot(samples, [r["val_logloss"] for r in evals], "o-", color=color, label=label)
+        summary_path = os.path.join(run_dir, "summary.json")
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                oracle = json.load(f).get("oracle_val_auc", oracle) or oracle
+    if oracle is not None:
+        ax_auc.axhline(oracle, color="gray", linestyle="--", label=f"oracle {oracle:.4f}")
+    for ax, title, ylabel in (
+        (ax_loss, "training loss (mean over ranks, log steps)", "BCE loss"),
+        (ax_auc, "validation AUC", "AUC"),
+        (ax_ll, "validation logloss", "logloss"),
+        (ax_tp, "throughput", "samples/s (all ranks)"),
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(", ".join(labels) if len(labels) <= 4 else f"{len(labels)} runs")
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepfm-plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
+    parser.add_argument("--out", required=True, help="output PNG file")
+    parser.add_argument("--labels", default="", help="comma-separated legend labels, one per run")
+    args = parser.parse_args(argv)
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    if labels is not None and len(labels) != len(args.run_dirs):
+        parser.error(f"--labels: {len(labels)} labels for {len(args.run_dirs)} run directories")
+    if not args.out.lower().endswith(".png"):
+        parser.error(f"--out={args.out!r}: expected a .png file name")
+    try:
+        plot_runs(args.run_dirs, args.out, labels)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"deepfm-plot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"deepfm-plot: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
