@@ -92,7 +92,7 @@ class DataConfig:
     list<int64> ids column with the same lengths; float beside a scalar id column)."""
     shared_tables: dict[str, str] = field(default_factory=dict)
     """Sparse column -> embedding table name; columns naming the same table share it (they
-    must have the same size and pooling). A column not listed has its own table."""
+    must have the same size, pooling and weighting). A column not listed has its own table."""
     pooling: dict[str, str] = field(default_factory=dict)
     """Sparse column -> sum or mean over its ids in a row (default sum)."""
     skip_bad_row_groups: bool = False
@@ -121,6 +121,11 @@ class DataConfig:
             _require(bool(table), f"data.shared_tables.{col}", table, "a table name")
         for col, mode in self.pooling.items():
             _require(mode in POOLINGS, f"data.pooling.{col}", mode, f"one of {', '.join(POOLINGS)}")
+            _require(
+                not (mode == "mean" and col in self.weighted),
+                f"data.pooling.{col}", mode,
+                "sum for a weighted feature (FBGEMM's CPU kernel computes wrong gradients for weighted mean pooling)",
+            )
         _require(self.num_embeddings >= 2, "data.num_embeddings", self.num_embeddings, "an integer >= 2")
         if self.num_embeddings_per_feature:
             n = len(self.num_embeddings_per_feature)
@@ -142,7 +147,11 @@ class DataConfig:
         for col in self.sparse:
             tables.setdefault(self.shared_tables.get(col, col), []).append(col)
         for table, group in tables.items():
-            for what, per_col in (("size", sizes), ("pooling", {c: self.pooling.get(c, "sum") for c in group})):
+            for what, per_col in (
+                ("size", sizes),
+                ("pooling", {c: self.pooling.get(c, "sum") for c in group}),
+                ("weighting (data.weighted)", {c: c in self.weighted for c in group}),
+            ):
                 values = {c: per_col[c] for c in group}
                 _require(
                     len(set(values.values())) == 1,
@@ -336,8 +345,9 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")
-        unknown = sorted(set(self.sharding.tables) - set(self.data.sparse))
-        _require(not unknown, "sharding.tables", unknown, f"names of sparse columns ({', '.join(self.data.sparse)})")
+        names = [*self.data.sparse, *sorted(set(self.data.shared_tables.values()))]
+        unknown = sorted(set(self.sharding.tables) - set(names))
+        _require(not unknown, "sharding.tables", unknown, f"names of sparse columns or shared tables ({', '.join(names)})")
 
     @property
     def checkpoint_dir(self) -> str:

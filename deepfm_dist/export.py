@@ -22,25 +22,13 @@ import torch.distributed.checkpoint as dcp
 from deepfm_dist import checkpoint as ckpt
 from deepfm_dist.config import Config, build_config
 from deepfm_dist.loss import DeepFMTrain
-from deepfm_dist.model import DeepFM
+from deepfm_dist.model.build import build_deepfm
 
 
 def build_plain_model(cfg: Config) -> DeepFMTrain:
     """The unsharded model with its tables in ordinary CPU memory (same parameter names as
     the sharded one)."""
-    model = DeepFM(
-        sparse_features=cfg.data.sparse,
-        table_sizes=cfg.data.table_sizes(),
-        num_dense=len(cfg.data.dense),
-        embedding_dim=cfg.model.embedding_dim,
-        mlp=cfg.model.mlp,
-        activation=cfg.model.activation,
-        batch_norm=cfg.model.batch_norm,
-        dropout=cfg.model.dropout,
-        init_std=cfg.model.init_std,
-        table_device="cpu",
-    )
-    return DeepFMTrain(model)
+    return DeepFMTrain(build_deepfm(cfg, table_device="cpu"))
 
 
 def resolve_checkpoint(path: str) -> str:

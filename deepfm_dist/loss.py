@@ -22,7 +22,8 @@ class DeepFMTrain(nn.Module):
         self.model = model
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        logits = self.model(batch.dense_features, batch.sparse_features)
+        weighted = batch.weighted_features if self.model.sparse_fields.weighted_ebc is not None else None
+        logits = self.model(batch.dense_features, batch.sparse_features, weighted)
         labels = batch.labels.to(logits.dtype)
         weights = getattr(batch, "weights", None)
         if weights is None:

@@ -18,12 +18,13 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from deepfm_dist import checkpoint as ckpt
 
 from deepfm_dist.config import Config
-from deepfm_dist.data import ParquetBatchReader, resolve_parquet_paths
+from deepfm_dist.data import ParquetLoader, resolve_parquet_paths
 from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, set_cpu_threads
 from deepfm_dist.distributed.sharding import describe_plan, plan_report, save_plan, shard_model
 from deepfm_dist.loss import DeepFMTrain
 from deepfm_dist.metrics import global_auc_logloss
-from deepfm_dist.model import DeepFM, table_name
+from deepfm_dist.model import table_name
+from deepfm_dist.model.build import build_deepfm, table_names
 from deepfm_dist.optim import build_optimizers, check_embedding_optimizer, lr_factor, set_learning_rates
 
 
@@ -51,34 +52,19 @@ class RankLogger:
 def build_model(cfg: Config) -> DeepFMTrain:
     """DeepFM with its tables on ``meta`` (DMP materialises the shards), wrapped with the loss."""
     torch.manual_seed(cfg.train.seed)
-    model = DeepFM(
-        sparse_features=cfg.data.sparse,
-        table_sizes=cfg.data.table_sizes(),
-        num_dense=len(cfg.data.dense),
-        embedding_dim=cfg.model.embedding_dim,
-        mlp=cfg.model.mlp,
-        activation=cfg.model.activation,
-        batch_norm=cfg.model.batch_norm,
-        dropout=cfg.model.dropout,
-        init_std=cfg.model.init_std,
-        table_device="meta",
-    )
-    return DeepFMTrain(model)
+    return DeepFMTrain(build_deepfm(cfg, table_device="meta"))
 
 
-def make_reader(cfg: Config, env: DistEnv, files: list[str], *, train: bool) -> ParquetBatchReader:
+def make_reader(cfg: Config, env: DistEnv, files: list[str], *, train: bool) -> ParquetLoader:
     batch = cfg.train.batch_size if train else (cfg.train.val_batch_size or cfg.train.batch_size)
-    return ParquetBatchReader(
+    return ParquetLoader(
         files,
-        label=cfg.data.label,
-        dense=cfg.data.dense,
-        sparse=cfg.data.sparse,
-        num_embeddings=cfg.data.table_sizes(),
+        cfg.data,
         batch_size=batch,
         rank=env.rank,
         world_size=env.world_size,
-        pad_last=not train,
-        hash_seed=cfg.data.hash_seed,
+        train=train,
+        seed=cfg.train.seed,
         pin_memory=env.device.type == "cuda",
     )
 
@@ -268,7 +254,7 @@ class Trainer:
         )
         self.model, plan = shard_model(build_model(cfg), cfg, env)
         self.opts = build_optimizers(self.model, cfg.optimizer, cfg.train.grad_clip)
-        self.placements = describe_plan(plan, env.world_size, [table_name(f) for f in cfg.data.sparse])
+        self.placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
         self.plan_path = os.path.join(cfg.run_dir, "plan.json")
         if env.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Tests of deepfm_dist.data: hashing, synthetic data, the Parquet reader and its errors.
+"""Tests of deepfm_dist.data: hashing, synthetic data, Parquet path resolution (the loader is
+tested in test_loader.py).
 
 Fixtures are tiny Parquet files written into tmp_path in the real format.
 """
@@ -14,8 +15,6 @@ import pytest
 import torch
 
 from deepfm_dist.data import (
-    Batch,
-    ParquetBatchReader,
     exact_auc,
     generate,
     hash_ids,
@@ -23,7 +22,7 @@ from deepfm_dist.data import (
     resolve_parquet_paths,
     splitmix64,
 )
-from deepfm_dist.data import synthetic
+from deepfm_dist.data import hashing, synthetic
 
 # --------------------------------------------------------------------------- hashing
 
@@ -73,6 +72,32 @@ def test_hash_strings_matches_fnv1a_reference():
     assert hash_strings(chunked).view(np.uint64).tolist() == expected
     assert hash_strings(arr.cast(pa.large_string())).view(np.uint64).tolist() == expected
     assert hash_strings(arr.dictionary_encode()).view(np.uint64).tolist() == expected
+
+
+def test_hash_ids_reduction_and_out():
+    raw = np.arange(-5000, 5000)
+    h = splitmix64(raw.view(np.uint64) ^ hashing._salt_mix(3))
+    # Tables up to 2**32 + 1 rows: the high 32 bits scaled to the table (multiply-shift).
+    expected = 1 + ((h >> np.uint64(32)) * np.uint64(999) >> np.uint64(32)).astype(np.int64)
+    np.testing.assert_array_equal(hash_ids(raw, None, 1000, salt=3), expected)
+    # Larger tables: the remainder.
+    big = 2**33
+    np.testing.assert_array_equal(hash_ids(raw, None, big, salt=3),
+                                  1 + (h % np.uint64(big - 1)).astype(np.int64))
+    out = np.full(raw.size, -1, dtype=np.int64)
+    assert hash_ids(raw, raw % 3 != 0, 1000, salt=3, out=out) is out
+    np.testing.assert_array_equal(out, np.where(raw % 3 != 0, expected, 0))
+    # Longer than one block, and every integer width hashes by its int64 value.
+    long = np.arange(100_000, dtype=np.int32) - 50_000
+    np.testing.assert_array_equal(hash_ids(long, None, 77), hash_ids(long.astype(np.int64), None, 77))
+
+
+def test_hash_strings_short_and_long_paths_agree():
+    short = ["", "a", None, "68fd1e64", "x" * 24]
+    longer = short + ["y" * 25]
+    expected = [0 if v is None else _fnv1a_reference(v.encode()) for v in longer]
+    assert hash_strings(pa.array(short)).view(np.uint64).tolist() == expected[:-1]  # masked passes
+    assert hash_strings(pa.array(longer)).view(np.uint64).tolist() == expected  # sorted by length
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -183,157 +208,12 @@ def test_exact_auc_with_ties():
     assert math.isnan(exact_auc(np.ones(3), np.arange(3)))
 
 
-# --------------------------------------------------------------------------- reader
-
-DENSE = ["I1", "I2"]
-SPARSE = ["C1", "C2"]
-NUM_EMB = {"C1": 50, "C2": 30}
+# --------------------------------------------------------------------------- paths
 
 
-def _write(path, columns: dict, row_group_size=None, schema=None):
-    table = pa.table(columns, schema=schema)
-    pq.write_table(table, path, row_group_size=row_group_size)
+def _write(path, columns: dict, row_group_size=None):
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
     return str(path)
-
-
-def _reader(paths, **kwargs):
-    args = dict(label="label", dense=DENSE, sparse=SPARSE, num_embeddings=NUM_EMB,
-                batch_size=64, rank=0, world_size=1, pad_last=True)
-    args.update(kwargs)
-    return ParquetBatchReader(paths, **args)
-
-
-def _uneven_files(tmp_path):
-    """3 files of 700, 450 and 333 rows in row groups of 100; I1 = global row index."""
-    paths, start = [], 0
-    for i, rows in enumerate((700, 450, 333)):
-        idx = np.arange(start, start + rows)
-        paths.append(_write(tmp_path / f"part-{i}.parquet", {
-            "label": pa.array(idx % 3 == 0).cast(pa.int8()),
-            "I1": pa.array(idx, pa.int64()),
-            "I2": pa.array(idx * 0.5, pa.float64(), mask=idx % 7 == 0),
-            "C1": pa.array(idx % 40, pa.int64(), mask=idx % 5 == 0),
-            "C2": pa.array([f"s{j % 11}" for j in idx]),
-        }, row_group_size=100))
-        start += rows
-    return paths, start
-
-
-@pytest.mark.parametrize("batch_size", [64, 1000])
-def test_reader_splits_rows_over_ranks_exactly_once(tmp_path, batch_size):
-    paths, n = _uneven_files(tmp_path)
-    world = 3
-    expected_c1 = hash_ids(np.arange(n) % 40, np.arange(n) % 5 != 0, NUM_EMB["C1"], salt=5)
-
-    seen, lengths = [], set()
-    for rank in range(world):
-        reader = _reader(paths, batch_size=batch_size, rank=rank, world_size=world,
-                         pad_last=True, hash_seed=5)
-        assert reader.num_rows == n
-        lengths.add(len(reader))
-        batches = list(reader)
-        assert len(batches) == len(reader)
-        assert reader.rank_rows == (rank + 1) * n // world - rank * n // world
-        real = 0
-        for b in batches:
-            assert isinstance(b, Batch)
-            assert b.dense_features.shape == (batch_size, 2) and b.labels.shape == (batch_size,)
-            assert b.sparse_features.stride() == batch_size
-            keep = b.weights == 1.0
-            assert ((b.weights == 0.0) | keep).all()
-            # Real rows come first; padding is zeros.
-            real_in_batch = int(keep.sum())
-            assert keep[:real_in_batch].all()
-            assert (b.dense_features[~keep] == 0).all() and (b.labels[~keep] == 0).all()
-            c1 = b.sparse_features["C1"].values()
-            assert (c1[real_in_batch:] == 0).all()
-            row = torch.round(torch.expm1(b.dense_features[keep, 0].double())).long().numpy()
-            np.testing.assert_array_equal(b.labels[keep].numpy(), (row % 3 == 0).astype(np.float32))
-            np.testing.assert_array_equal(c1[:real_in_batch].numpy(), expected_c1[row])
-            seen.append(row)
-            real += real_in_batch
-        assert real == reader.rank_rows
-    assert lengths == {math.ceil(math.ceil(n / world) / batch_size)}
-    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(n))
-
-
-def test_reader_train_mode_drops_tail_with_equal_lengths(tmp_path):
-    paths, n = _uneven_files(tmp_path)
-    world, batch_size = 3, 64
-    seen = []
-    for rank in range(world):
-        reader = _reader(paths, batch_size=batch_size, rank=rank, world_size=world, pad_last=False)
-        batches = list(reader)
-        assert len(reader) == len(batches) == (n // world) // batch_size
-        assert reader.rank_rows == len(batches) * batch_size
-        for b in batches:
-            assert b.labels.shape == (batch_size,) and (b.weights == 1.0).all()
-            seen.append(torch.round(torch.expm1(b.dense_features[:, 0].double())).long().numpy())
-        # Rows come from this rank's own contiguous range.
-        rows = np.concatenate(seen[-len(batches):])
-        assert rows.min() >= rank * n // world and rows.max() < (rank + 1) * n // world
-    rows = np.concatenate(seen)
-    assert np.unique(rows).size == rows.size
-
-
-def test_reader_conversion_on_hand_written_file(tmp_path):
-    path = _write(tmp_path / "five.parquet", {
-        "label": pa.array([0, 1, 1, 0, 1], pa.int8()),
-        "I1": pa.array([0, 3, None, -2, 10], pa.int64()),
-        "I2": pa.array([1.5, float("nan"), None, -1.0, 0.0], pa.float64()),
-        "C1": pa.array([5, None, 7, 5, None], pa.int64()),
-        "C2": pa.array(["a", "b", None, "a", "ccc"]),
-    })
-    batches = list(_reader([path], batch_size=5))
-    assert len(batches) == 1
-    b = batches[0]
-    # Nulls, NaN and negatives -> 0, then log1p.
-    expected = np.log1p([[0, 1.5], [3, 0], [0, 0], [0, 0], [10, 0]])
-    np.testing.assert_allclose(b.dense_features.numpy(), expected, rtol=1e-6)
-    assert b.dense_features.dtype == torch.float32 and b.labels.dtype == torch.float32
-    np.testing.assert_array_equal(b.labels.numpy(), [0, 1, 1, 0, 1])
-    np.testing.assert_array_equal(b.weights.numpy(), np.ones(5))
-
-    kjt = b.sparse_features
-    assert kjt.keys() == ["C1", "C2"]
-    assert kjt.lengths().tolist() == [1] * 10
-    c1 = hash_ids(np.array([5, 0, 7, 5, 0]), np.array([1, 0, 1, 1, 0], bool), 50)
-    c2_raw = hash_strings(pa.array(["a", "b", None, "a", "ccc"]))
-    c2 = hash_ids(c2_raw, np.array([1, 1, 0, 1, 1], bool), 30)
-    assert kjt.values().dtype == torch.int64
-    assert kjt.values().tolist() == c1.tolist() + c2.tolist()  # key-major
-    assert c1[1] == c1[4] == 0 and c1[0] == c1[3] != 0 and c2[2] == 0 and c2[0] == c2[3]
-    assert kjt["C2"].values().tolist() == c2.tolist()
-
-    # batch_size 4: the second batch holds one real row then three padding rows.
-    second = list(_reader([path], batch_size=4))[1]
-    assert second.weights.tolist() == [1, 0, 0, 0]
-    assert second.sparse_features["C1"].values().tolist() == [0, 0, 0, 0]
-    assert second.sparse_features["C2"].values().tolist() == [c2[4], 0, 0, 0]
-    assert second.labels.tolist() == [1, 0, 0, 0]
-
-    moved = b.to(torch.device("cpu"))
-    assert isinstance(moved, Batch) and torch.equal(moved.weights, b.weights)
-    if torch.cuda.is_available():
-        pinned = b.pin_memory()
-        assert isinstance(pinned, Batch) and pinned.weights.is_pinned()
-
-
-def test_reader_reads_synthetic_data(tmp_path):
-    oracle = _tiny_synthetic(tmp_path)
-    paths = resolve_parquet_paths(str(tmp_path / "train"), "data.train")
-    reader = ParquetBatchReader(
-        paths, label="label", dense=oracle["dense"], sparse=oracle["sparse"],
-        num_embeddings={c: 100 for c in oracle["sparse"]}, batch_size=256, rank=1,
-        world_size=2, pad_last=False,
-    )
-    batches = list(reader)
-    assert len(batches) == 1500 // 256
-    assert batches[0].dense_features.shape == (256, 13)
-    assert len(batches[0].sparse_features.keys()) == 26
-
-
-# --------------------------------------------------------------------------- errors
 
 
 def _good_columns(n=10, label=None):
@@ -344,25 +224,6 @@ def _good_columns(n=10, label=None):
         "C1": pa.array(np.arange(n)),
         "C2": pa.array([str(i) for i in range(n)]),
     }
-
-
-def test_error_missing_column(tmp_path):
-    columns = _good_columns()
-    del columns["C2"]
-    path = _write(tmp_path / "nocol.parquet", columns)
-    with pytest.raises(ValueError, match="C2") as e:
-        _reader([path])
-    assert "nocol.parquet" in str(e.value)
-
-
-def test_error_wrong_type(tmp_path):
-    columns = _good_columns()
-    columns["C1"] = pa.array(np.arange(10) * 1.0)
-    path = _write(tmp_path / "badtype.parquet", columns)
-    with pytest.raises(ValueError, match="badtype.parquet") as e:
-        _reader([path])
-    message = str(e.value)
-    assert "'C1'" in message and "double" in message and "integer or string" in message
 
 
 def test_error_path_matches_nothing(tmp_path):
@@ -386,22 +247,18 @@ def test_resolve_parquet_paths_forms(tmp_path):
     assert resolve_parquet_paths([a, str(tmp_path / "d"), b], "x") == sorted([a, b])
 
 
-def test_error_corrupt_and_empty_files(tmp_path):
-    bad = tmp_path / "x.parquet"
-    bad.write_bytes(b"this is not parquet" * 10)
-    with pytest.raises(ValueError, match="x.parquet"):
-        _reader([str(bad)])
-    empty = _write(tmp_path / "empty.parquet", {k: v[:0] for k, v in _good_columns().items()})
-    with pytest.raises(ValueError, match="0 rows") as e:
-        _reader([empty])
-    assert "empty.parquet" in str(e.value)
-
-
-def test_error_label_out_of_range(tmp_path):
-    label = np.zeros(10, np.int8)
-    label[7] = 2
-    path = _write(tmp_path / "lab.parquet", _good_columns(label=label), row_group_size=5)
-    reader = _reader([path], batch_size=2)
-    with pytest.raises(ValueError, match="lab.parquet") as e:
-        list(reader)
-    assert "row group 1" in str(e.value) and "'label'" in str(e.value)
+def test_resolve_uris_through_pyarrow_fs(tmp_path):
+    (tmp_path / "d" / "sub" / "_tmp").mkdir(parents=True)
+    a = _write(tmp_path / "d" / "a.parquet", _good_columns())
+    b = _write(tmp_path / "d" / "sub" / "b.parquet", _good_columns())
+    _write(tmp_path / "d" / "sub" / "_tmp" / "c.parquet", _good_columns())
+    _write(tmp_path / "d" / ".hidden.parquet", _good_columns())
+    uri = f"file://{tmp_path}/d"
+    # URIs stay URIs (read through pyarrow.fs, as s3:// would be), with the same rules.
+    assert resolve_parquet_paths(uri, "x") == [f"file://{a}", f"file://{b}"]
+    assert resolve_parquet_paths(f"{uri}/*.parquet", "x") == [f"file://{a}"]
+    assert resolve_parquet_paths(f"{uri}/s*", "x") == [f"file://{b}"]
+    assert resolve_parquet_paths(f"{uri}/**/b.parquet", "x") == [f"file://{b}"]
+    with pytest.raises(FileNotFoundError, match="data.val") as e:
+        resolve_parquet_paths(f"{uri}/nothing/*.parquet", "data.val")
+    assert "matched no Parquet file" in str(e.value)

@@ -3,7 +3,7 @@
 import torch
 from torchrec import KeyedJaggedTensor
 
-from deepfm_dist.model import DeepFM, fm_second_order, init_table_block, table_dim
+from deepfm_dist.model import DeepFM, fm_second_order, init_table_block, one_hot_features, table_dim
 
 
 def brute_force_fm(fields: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def test_init_block_is_independent_of_how_the_table_is_cut():
 def test_deepfm_logit_is_bias_plus_first_order_plus_fm_plus_mlp():
     torch.manual_seed(0)
     features, sizes, d = ["a", "b"], {"a": 6, "b": 4}, 3
-    model = DeepFM(sparse_features=features, table_sizes=sizes, num_dense=2, embedding_dim=d, mlp=[4],
+    model = DeepFM(features=one_hot_features(features, sizes), num_dense=2, embedding_dim=d, mlp=[4],
                    batch_norm=False, table_device="cpu").eval()
     with torch.no_grad():
         for f in features:

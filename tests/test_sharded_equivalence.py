@@ -12,10 +12,12 @@ import re
 import pytest
 import torch
 from torchrec import KeyedJaggedTensor
-from torchrec.datasets.utils import Batch
+
+from deepfm_dist.data.batch import Batch
 
 from deepfm_dist.config import Config, DataConfig, ModelConfig, OptimizerConfig, ShardingConfig, TrainConfig
 from deepfm_dist.loss import DeepFMTrain
+from deepfm_dist.data.schema import feature_specs
 from deepfm_dist.model import DeepFM, init_table_block, table_dim
 from tests.distributed_helpers import launch
 
@@ -28,10 +30,18 @@ STEPS = 4
 LR = 0.1
 
 
-def make_config(sharding_type: str) -> Config:
+# The "rich" schema: C1 and C2 share one table, C3 carries per-id weights, C4 mean-pools.
+RICH = dict(shared_tables={"C1": "shared", "C2": "shared"}, weighted={"C3": "W3"}, pooling={"C4": "mean"},
+            multi_hot=["C1", "C2", "C3", "C4"])
+RICH_SIZES = [50, 50, 101, 9]
+
+
+def make_config(sharding_type: str, rich: bool = False) -> Config:
+    extra = RICH if rich else {}
     return Config(
         data=DataConfig(
-            train=["unused"], val=["unused"], dense=DENSE, sparse=FEATURES, num_embeddings_per_feature=SIZES
+            train=["unused"], val=["unused"], dense=DENSE, sparse=FEATURES,
+            num_embeddings_per_feature=RICH_SIZES if rich else SIZES, **extra,
         ),
         model=ModelConfig(embedding_dim=DIM, mlp=[16, 8], batch_norm=False, dropout=0.0, init_std=0.1),
         sharding=ShardingConfig(type=sharding_type),
@@ -40,37 +50,69 @@ def make_config(sharding_type: str) -> Config:
     )
 
 
-def global_batch(step: int, rows: int) -> Batch:
-    """A deterministic batch with multi-hot rows and empty bags, so pooling is exercised."""
+def _kjt(keys, per_key_lengths, per_key_values, per_key_weights=None) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat(per_key_values),
+        lengths=torch.cat(per_key_lengths),
+        weights=torch.cat(per_key_weights) if per_key_weights is not None else None,
+    )
+
+
+def global_batch(step: int, rows: int, rich: bool = False) -> Batch:
+    """A deterministic batch with multi-hot rows and empty bags, so pooling is exercised.
+    ``rich``: C3 is weighted and travels in its own KJT with per-id weights."""
     g = torch.Generator().manual_seed(1000 + step)
     dense = torch.rand(rows, len(DENSE), generator=g) * 3
-    lengths = torch.randint(0, 3, (len(FEATURES), rows), generator=g)
-    values = torch.cat(
-        [torch.randint(0, size, (int(lengths[i].sum()),), generator=g) for i, size in enumerate(SIZES)]
-    )
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=values, lengths=lengths.flatten())
+    sizes = RICH_SIZES if rich else SIZES
+    lengths = {f: torch.randint(0, 3, (rows,), generator=g) for f in FEATURES}
+    values = {f: torch.randint(0, size, (int(lengths[f].sum()),), generator=g) for f, size in zip(FEATURES, sizes)}
+    weights = {f: torch.rand(int(lengths[f].sum()), generator=g) * 2 for f in FEATURES}
     labels = torch.randint(0, 2, (rows,), generator=g).float()
-    return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+    weighted_keys = ["C3"] if rich else []
+    plain = [f for f in FEATURES if f not in weighted_keys]
+    return Batch(
+        dense_features=dense,
+        sparse_features=_kjt(plain, [lengths[f] for f in plain], [values[f] for f in plain]),
+        labels=labels,
+        weighted_features=(
+            _kjt(weighted_keys, [lengths[f] for f in weighted_keys], [values[f] for f in weighted_keys],
+                 [weights[f] for f in weighted_keys])
+            if weighted_keys else None
+        ),
+    )
+
+
+def _slice_kjt(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
+    per_key = kjt.to_dict()
+    keys = kjt.keys()
+    w = kjt.weights_or_none()
+    lengths, values, weights = [], [], []
+    for k in keys:
+        jt = per_key[k]
+        offsets = jt.offsets()
+        lengths.append(jt.lengths()[start:stop])
+        values.append(jt.values()[offsets[start] : offsets[stop]])
+        if w is not None:
+            weights.append(jt.weights()[offsets[start] : offsets[stop]])
+    return _kjt(keys, lengths, values, weights if w is not None else None)
 
 
 def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    rows = batch.labels.numel()
-    lengths = batch.sparse_features.lengths().view(len(FEATURES), rows)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.flatten().cumsum(0)]).view(-1)
-    values = []
-    for f in range(len(FEATURES)):
-        base = f * rows
-        values.append(batch.sparse_features.values()[offsets[base + start] : offsets[base + stop]])
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=FEATURES, values=torch.cat(values), lengths=lengths[:, start:stop].flatten()
+    return Batch(
+        dense_features=batch.dense_features[start:stop],
+        sparse_features=_slice_kjt(batch.sparse_features, start, stop),
+        labels=batch.labels[start:stop],
+        weighted_features=(
+            _slice_kjt(batch.weighted_features, start, stop) if batch.weighted_features is not None else None
+        ),
     )
-    return Batch(batch.dense_features[start:stop], kjt, batch.labels[start:stop])
 
 
 _TABLE = re.compile(r"embedding_bags\.([^.]+)\.weight$")
 
 
-def rank_worker(sharding_type: str) -> dict:
+def rank_worker(sharding_type: str, rich: bool = False) -> dict:
     """Runs on each rank: shard, train STEPS steps on this rank's half of each global batch."""
     import torch.distributed as dist
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -81,14 +123,14 @@ def rank_worker(sharding_type: str) -> dict:
     from deepfm_dist.trainer import build_model, quiet_library_noise
 
     quiet_library_noise()
-    cfg = make_config(sharding_type)
+    cfg = make_config(sharding_type, rich)
     env = init_distributed("cpu")
     torch.set_num_threads(1)
     model, plan = shard_model(build_model(cfg), cfg, env)
     optimizer = build_optimizers(model, cfg.optimizer).combined
     losses = []
     for step in range(STEPS):
-        batch = slice_batch(global_batch(step, BATCH * env.world_size), env.rank * BATCH, (env.rank + 1) * BATCH)
+        batch = slice_batch(global_batch(step, BATCH * env.world_size, rich), env.rank * BATCH, (env.rank + 1) * BATCH)
         optimizer.zero_grad()
         loss, _ = model(batch)
         loss.backward()
@@ -111,12 +153,11 @@ def rank_worker(sharding_type: str) -> dict:
     return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds}
 
 
-def reference(cfg: Config) -> tuple[list[float], dict, dict]:
+def reference(cfg: Config, rich: bool = False) -> tuple[list[float], dict, dict]:
     """The plain single-process model: full global batches, torch SGD on every parameter."""
     torch.manual_seed(cfg.train.seed)
     model = DeepFM(
-        sparse_features=FEATURES,
-        table_sizes=dict(zip(FEATURES, SIZES)),
+        features=feature_specs(cfg.data),
         num_dense=len(DENSE),
         embedding_dim=DIM,
         mlp=cfg.model.mlp,
@@ -125,12 +166,11 @@ def reference(cfg: Config) -> tuple[list[float], dict, dict]:
         table_device="cpu",
     )
     with torch.no_grad():
-        for f, rows in zip(FEATURES, SIZES):
-            w = model.sparse_fields.ebc.embedding_bags[f"t_{f}"].weight
+        for name, w in _reference_tables(model).items():
             w.copy_(
                 init_table_block(
-                    seed=cfg.train.seed, table=f"t_{f}", vector_dim=DIM, table_dim=table_dim(DIM),
-                    rows=(0, rows), cols=(0, table_dim(DIM)), std=cfg.model.init_std,
+                    seed=cfg.train.seed, table=name, vector_dim=DIM, table_dim=table_dim(DIM),
+                    rows=(0, w.shape[0]), cols=(0, table_dim(DIM)), std=cfg.model.init_std,
                 )
             )
     train = DeepFMTrain(model)
@@ -138,26 +178,41 @@ def reference(cfg: Config) -> tuple[list[float], dict, dict]:
     losses = []
     for step in range(STEPS):
         opt.zero_grad()
-        loss, _ = train(global_batch(step, 2 * BATCH))
+        loss, _ = train(global_batch(step, 2 * BATCH, rich))
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    tables = {name: bag.weight.detach() for name, bag in model.sparse_fields.ebc.embedding_bags.items()}
+    tables = {name: w.detach() for name, w in _reference_tables(model).items()}
     dense = {k: v.detach() for k, v in model.state_dict().items() if "sparse_fields" not in k}
     return losses, tables, dense
 
 
+def _reference_tables(model: DeepFM) -> dict[str, torch.Tensor]:
+    out = {}
+    for ebc in (model.sparse_fields.ebc, model.sparse_fields.weighted_ebc):
+        if ebc is not None:
+            out.update({name: bag.weight for name, bag in ebc.embedding_bags.items()})
+    return out
+
+
 @pytest.mark.parametrize(
-    "sharding_type", ["table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise", "data_parallel"]
+    "sharding_type, rich",
+    [("table_wise", False), ("column_wise", False), ("row_wise", False), ("table_row_wise", False),
+     ("table_column_wise", False), ("data_parallel", False), ("table_wise", True), ("row_wise", True)],
 )
-def test_two_ranks_match_single_process(sharding_type):
-    results = launch(rank_worker, (sharding_type,), nproc=2)
-    ref_losses, ref_tables, ref_dense = reference(make_config(sharding_type))
+def test_two_ranks_match_single_process(sharding_type, rich):
+    results = launch(rank_worker, (sharding_type, rich), nproc=2)
+    ref_losses, ref_tables, ref_dense = reference(make_config(sharding_type, rich), rich)
+    if rich:
+        assert set(ref_tables) == {"t_shared", "t_C3", "t_C4"}
 
     assert set(results[0]["kinds"].values()) == {sharding_type}
     for rank in (0, 1):
         torch.testing.assert_close(results[rank]["losses"], ref_losses, rtol=1e-5, atol=1e-6)
-    assert ref_losses[-1] < ref_losses[0] - 1e-3, "the model did not learn: the comparison would be vacuous"
+    for name, ref in ref_tables.items():  # the comparison is not vacuous: every table moved
+        rows, cols = ref.shape
+        init = init_table_block(seed=7, table=name, vector_dim=DIM, table_dim=cols, rows=(0, rows), cols=(0, cols), std=0.1)
+        assert (ref - init).abs().max() > 1e-3, f"table {name} did not train"
 
     # Reassemble every table from both ranks' shards and compare with the reference.
     for name, ref in ref_tables.items():

@@ -6,45 +6,57 @@ from dataclasses import dataclass
 
 import torch
 from torchrec.datasets.utils import Batch as _TorchrecBatch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def _opt(t, fn):
+    return None if t is None else fn(t)
 
 
 @dataclass
 class Batch(_TorchrecBatch):
-    """torchrec's Batch plus per-row weights: 1.0 for real rows, 0.0 for padding rows.
+    """torchrec's Batch plus per-row weights and, when configured, weighted features.
 
     Fields (``B`` = batch size, ``F_dense`` dense columns, ``F_sparse`` sparse columns):
         dense_features: float32 ``[B, F_dense]``.
-        sparse_features: KeyedJaggedTensor, keys = sparse column names, one id per row
-            and key, values laid out key-major (``[F_sparse * B]``).
+        sparse_features: KeyedJaggedTensor of the unweighted sparse columns (keys in config
+            order), values laid out key-major; no per-id weights.
         labels: float32 ``[B]`` in {0, 1}.
         weights: float32 ``[B]``; padding rows (weight 0) exist so that every rank runs
             the same number of steps in evaluation, they must not count in losses or
             metrics. None means all rows are real.
+        weighted_features: KeyedJaggedTensor of the weighted sparse columns (``data.weighted``)
+            with their per-id weights, or None. Kept apart from ``sparse_features`` because
+            TorchRec's sharded unweighted tables apply any weights a KJT carries, and FBGEMM's
+            CPU kernel gets the gradient of weighted *mean* pooling wrong (measured).
     """
 
     weights: torch.Tensor | None = None
+    weighted_features: KeyedJaggedTensor | None = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
         return Batch(
-            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
-            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
-            labels=self.labels.to(device=device, non_blocking=non_blocking),
-            weights=(
-                None
-                if self.weights is None
-                else self.weights.to(device=device, non_blocking=non_blocking)
-            ),
+            dense_features=move(self.dense_features),
+            sparse_features=move(self.sparse_features),
+            labels=move(self.labels),
+            weights=_opt(self.weights, move),
+            weighted_features=_opt(self.weighted_features, move),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         super().record_stream(stream)
         if self.weights is not None:
             self.weights.record_stream(stream)
+        if self.weighted_features is not None:
+            self.weighted_features.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
+        pin = lambda t: t.pin_memory()  # noqa: E731
         return Batch(
-            dense_features=self.dense_features.pin_memory(),
-            sparse_features=self.sparse_features.pin_memory(),
-            labels=self.labels.pin_memory(),
-            weights=None if self.weights is None else self.weights.pin_memory(),
+            dense_features=pin(self.dense_features),
+            sparse_features=pin(self.sparse_features),
+            labels=pin(self.labels),
+            weights=_opt(self.weights, pin),
+            weighted_features=_opt(self.weighted_features, pin),
         )

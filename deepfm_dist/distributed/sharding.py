@@ -29,6 +29,7 @@ from torchrec.distributed.planner.types import KernelConfig, ParameterConstraint
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
 from deepfm_dist.config import SHARDING_TYPES, Config
+from deepfm_dist.data.schema import feature_specs
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
 from deepfm_dist.model import init_table_block, table_dim, table_name
 
@@ -76,6 +77,21 @@ def make_sharder(cfg: Config) -> DeepFMSharder:
     return DeepFMSharder(fused_params=fused_params, qcomm_codecs_registry=qcomm)
 
 
+def table_kinds(cfg: Config) -> dict[str, tuple[str, str]]:
+    """Table -> (sharding type or "auto", the config key that set it).
+
+    ``sharding.tables`` may name a table or any column that looks it up (the same thing for
+    tables that are not shared)."""
+    out: dict[str, tuple[str, str]] = {}
+    for f in feature_specs(cfg.data):
+        for key in (f.table, f.name):
+            if key in cfg.sharding.tables:
+                out[f.table] = (cfg.sharding.tables[key], f"sharding.tables.{key}")
+                break
+        out.setdefault(f.table, (cfg.sharding.type, "sharding.type"))
+    return out
+
+
 def table_constraints(cfg: Config) -> dict[str, ParameterConstraints]:
     """Per-table allowed sharding types and kernels from ``sharding.type`` / ``sharding.tables``.
 
@@ -84,11 +100,10 @@ def table_constraints(cfg: Config) -> dict[str, ParameterConstraints]:
     for explicitly (its tables are then updated by the dense optimizer, replicated on every rank).
     """
     out = {}
-    for feature in cfg.data.sparse:
-        kind = cfg.sharding.tables.get(feature, cfg.sharding.type)
+    for table, (kind, _) in table_kinds(cfg).items():
         types = MODEL_PARALLEL_TYPES if kind == "auto" else [kind]
         kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
-        out[table_name(feature)] = ParameterConstraints(sharding_types=types, compute_kernels=[kernel.value])
+        out[table_name(table)] = ParameterConstraints(sharding_types=types, compute_kernels=[kernel.value])
     return out
 
 
@@ -122,9 +137,13 @@ def make_topology(cfg: Config, env: DistEnv):
 _STATE_PER_WEIGHT = {"sgd": 0.0, "adagrad": 1.0, "adam": 2.0, "partial_rowwise_adam": 1.0}
 
 
-def table_bytes(cfg: Config, feature: str) -> int:
+def table_rows(cfg: Config) -> dict[str, int]:
+    return {f.table: f.num_embeddings for f in feature_specs(cfg.data)}
+
+
+def table_bytes(cfg: Config, table: str) -> int:
     """fp32 weights plus fused optimizer state of one table."""
-    rows, dim = cfg.data.table_sizes()[feature], table_dim(cfg.model.embedding_dim)
+    rows, dim = table_rows(cfg)[table], table_dim(cfg.model.embedding_dim)
     if cfg.optimizer.embedding == "rowwise_adagrad":
         return rows * (dim + 1) * 4
     return int(rows * dim * 4 * (1 + _STATE_PER_WEIGHT[cfg.optimizer.embedding]))
@@ -138,15 +157,13 @@ def check_constraints_fit(cfg: Config, budget_bytes: int, world_size: int) -> No
     "insufficient storage".
     """
     usable = budget_bytes * 0.85  # what FixedPercentageStorageReservation(0.15) leaves
-    for feature in cfg.data.sparse:
-        kind = cfg.sharding.tables.get(feature, cfg.sharding.type)
-        key = f"sharding.tables.{feature}" if feature in cfg.sharding.tables else "sharding.type"
-        need = table_bytes(cfg, feature)
+    for table, (kind, key) in table_kinds(cfg).items():
+        need = table_bytes(cfg, table)
         ranks = 1 if kind in ("table_wise", "data_parallel") else world_size
         if need > usable * ranks:
             where = "one rank" if ranks == 1 else f"{ranks} ranks"
             raise RuntimeError(
-                f"table {table_name(feature)} ({cfg.data.table_sizes()[feature]:,} rows, {need / 2**30:.2f} GiB with "
+                f"table {table_name(table)} ({table_rows(cfg)[table]:,} rows, {need / 2**30:.2f} GiB with "
                 f"{cfg.optimizer.embedding} state) does not fit {where} under {key}={kind!r}: "
                 f"{usable / 2**30:.2f} GiB usable per rank. Use row_wise/table_row_wise, more ranks, "
                 f"or a larger sharding.host_memory_gb."
@@ -248,7 +265,7 @@ def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
     touched on this rank.
     """
     d = cfg.model.embedding_dim
-    features = {table_name(f): f for f in cfg.data.sparse}
+    features = {table_name(t) for t in table_rows(cfg)}
     touched = 0
     for key, value in model.state_dict().items():
         m = _TABLE_KEY.search(key)

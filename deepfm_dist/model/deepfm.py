@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+from deepfm_dist.data.schema import FeatureSpec
 from deepfm_dist.model.fm import fm_second_order
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -30,8 +31,14 @@ def table_dim(embedding_dim: int) -> int:
     return (embedding_dim + 1 + 3) // 4 * 4
 
 
-def table_name(feature: str) -> str:
-    return f"t_{feature}"
+def table_name(table: str) -> str:
+    """The EmbeddingBagConfig name of a table (``FeatureSpec.table``)."""
+    return f"t_{table}"
+
+
+def one_hot_features(names: list[str], sizes: dict[str, int]) -> list[FeatureSpec]:
+    """Specs of plain categorical columns: one id per row, own table, sum pooling."""
+    return [FeatureSpec(n, n, sizes[n], "sum", weighted=False, multi_hot=False) for n in names]
 
 
 class DeepTower(nn.Module):
@@ -74,33 +81,68 @@ class DenseFields(nn.Module):
         return x.unsqueeze(-1) * self.vectors, x @ self.weights
 
 
-class SparseFields(nn.Module):
-    """Categorical columns -> field vectors and first-order weights via one EBC lookup.
+def _table_configs(features: list[FeatureSpec], embedding_dim: int) -> list[EmbeddingBagConfig]:
+    """One EmbeddingBagConfig per table, listing the features that look it up."""
+    by_table: dict[str, list[FeatureSpec]] = {}
+    for f in features:
+        by_table.setdefault(f.table, []).append(f)
+    configs = []
+    for table, group in by_table.items():
+        for attr in ("num_embeddings", "pooling", "weighted"):
+            values = {f.name: getattr(f, attr) for f in group}
+            if len(set(values.values())) != 1:
+                raise ValueError(f"features sharing table {table!r} disagree on {attr}: {values}")
+        configs.append(
+            EmbeddingBagConfig(
+                name=table_name(table),
+                embedding_dim=table_dim(embedding_dim),
+                num_embeddings=group[0].num_embeddings,
+                feature_names=[f.name for f in group],
+                pooling=PoolingType.MEAN if group[0].pooling == "mean" else PoolingType.SUM,
+            )
+        )
+    return configs
 
-    sparse KJT (keys = features) -> (fields [B, Ns, D], first_order [B]).
+
+class SparseFields(nn.Module):
+    """Categorical columns -> field vectors and first-order weights.
+
+    One EmbeddingBagCollection for unweighted features and, if any feature carries per-id
+    weights, a second (``is_weighted``) one reading its own KeyedJaggedTensor. Multi-hot
+    features pool their ids (sum or mean) into one row, so every feature is one field. Shared
+    tables serve several features (one field each).
+
+    (sparse KJT, weighted KJT or None) -> (fields [B, Ns, D], first_order [B]).
     """
 
-    def __init__(self, features: list[str], table_sizes: dict[str, int], embedding_dim: int, device: torch.device):
+    def __init__(self, features: list[FeatureSpec], embedding_dim: int, device: torch.device):
         super().__init__()
-        self.features = list(features)
+        self.features = [f.name for f in features]
         self.embedding_dim = embedding_dim
-        tables = [
-            EmbeddingBagConfig(
-                name=table_name(f),
-                embedding_dim=table_dim(embedding_dim),
-                num_embeddings=table_sizes[f],
-                feature_names=[f],
-                pooling=PoolingType.SUM,
-            )
-            for f in self.features
-        ]
-        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
+        plain = [f for f in features if not f.weighted]
+        weighted = [f for f in features if f.weighted]
+        self.weighted_names = frozenset(f.name for f in weighted)
+        self.ebc = EmbeddingBagCollection(tables=_table_configs(plain, embedding_dim), device=device) if plain else None
+        self.weighted_ebc = (
+            EmbeddingBagCollection(tables=_table_configs(weighted, embedding_dim), is_weighted=True, device=device)
+            if weighted
+            else None
+        )
 
-    def forward(self, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # After sharding the pooled keys come out grouped by shard, not in config order:
         # always select by name.
-        pooled = self.ebc(sparse).to_dict()
-        rows = torch.stack([pooled[f] for f in self.features], dim=1)  # [B, Ns, table_dim]
+        # (No dict.update on the pooled outputs: TrainPipelineSparseDist fx-traces this forward,
+        # and iterating a traced value fails.)
+        plain = self.ebc(sparse).to_dict() if self.ebc is not None else {}
+        if self.weighted_ebc is not None and weighted is None:
+            raise ValueError("the model has weighted features but the batch carries no weighted_features")
+        with_weights = self.weighted_ebc(weighted).to_dict() if self.weighted_ebc is not None else {}
+        rows = torch.stack(
+            [with_weights[f] if f in self.weighted_names else plain[f] for f in self.features], dim=1
+        )  # [B, Ns, table_dim]
         d = self.embedding_dim
         return rows[:, :, :d], rows[:, :, d].sum(dim=1)
 
@@ -109,21 +151,21 @@ class DeepFM(nn.Module):
     """DeepFM logits from dense features and a KeyedJaggedTensor of categorical ids.
 
     Args:
-        sparse_features: categorical feature names (KJT keys), one table each.
-        table_sizes: rows per feature's table.
+        features: the categorical features (KJT keys, in field order) with their tables,
+            pooling and weighting (``deepfm_dist.data.feature_specs``; ``one_hot_features``
+            for plain columns).
         num_dense: Nd, number of dense columns (may be 0).
         embedding_dim: D.
         mlp: hidden widths of the deep tower.
         table_device: where the tables are created; ``meta`` lets DMP materialise only the
             shards each rank owns.
-    Shapes: forward(dense [B, Nd], sparse KJT with B rows) -> logits [B].
+    Shapes: forward(dense [B, Nd], sparse KJT with B rows, weighted KJT or None) -> logits [B].
     """
 
     def __init__(
         self,
         *,
-        sparse_features: list[str],
-        table_sizes: dict[str, int],
+        features: list[FeatureSpec],
         num_dense: int,
         embedding_dim: int,
         mlp: list[int],
@@ -134,16 +176,18 @@ class DeepFM(nn.Module):
         table_device: torch.device | str = "meta",
     ):
         super().__init__()
-        num_fields = num_dense + len(sparse_features)
+        num_fields = num_dense + len(features)
         # Dense modules are built before the tables so that the RNG stream (seeded by the
         # caller) gives them the same values whether the tables are on `meta` or not.
         self.dense_fields = DenseFields(num_dense, embedding_dim, init_std) if num_dense else None
         self.deep = DeepTower(num_fields * embedding_dim, mlp, activation, batch_norm, dropout)
         self.bias = nn.Parameter(torch.zeros(1))
-        self.sparse_fields = SparseFields(sparse_features, table_sizes, embedding_dim, torch.device(table_device))
+        self.sparse_fields = SparseFields(features, embedding_dim, torch.device(table_device))
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        fields, first_order = self.sparse_fields(sparse)
+    def forward(
+        self, dense: torch.Tensor, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None
+    ) -> torch.Tensor:
+        fields, first_order = self.sparse_fields(sparse, weighted)
         if self.dense_fields is not None:
             dense_fields, dense_first = self.dense_fields(dense)
             fields = torch.cat([dense_fields, fields], dim=1)  # [B, F, D]

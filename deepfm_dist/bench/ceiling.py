@@ -1,0 +1,71 @@
+"""The compute ceiling of a CPU training step: the MLP alone in one process on all cores.
+
+    python -m deepfm_dist.bench ceiling [--warmup 20] [--steps 100] [--threads 0]
+        [--batch-size B] [--section.key=value ...]
+
+The model's own deep tower (``DeepTower``: same input width F*D, layer sizes, BatchNorm and
+activation as configured) on random inputs: forward, binary cross-entropy, backward and the
+configured dense optimizer's step. No embeddings, no communication, no data: whatever a
+distributed step adds on top of this is overhead. ``--batch-size`` defaults to
+``train.batch_size`` (the per-rank batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from deepfm_dist.bench import report
+from deepfm_dist.bench.common import add_common_args, parse, pick_single_device, set_threads
+from deepfm_dist.bench.onednn import use_onednn_linears
+from deepfm_dist.model.deepfm import DeepTower
+from deepfm_dist.optim import _dense_optimizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench ceiling", description=__doc__.split("\n\n")[0])
+    add_common_args(parser, warmup=20, steps=100)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: every core)")
+    parser.add_argument("--batch-size", type=int, default=0, help="rows per step (default: train.batch_size)")
+    parser.add_argument("--no-input-grad", action="store_true",
+                        help="treat the input as data (no gradient w.r.t. it: one matmul fewer than DeepFM's MLP)")
+    args, cfg = parse(parser, list(argv or []))
+    threads = set_threads(args.threads)
+    batch = args.batch_size or cfg.train.batch_size
+    fields = len(cfg.data.dense) + len(cfg.data.sparse)
+    width = fields * cfg.model.embedding_dim
+    torch.manual_seed(cfg.train.seed)
+    device = pick_single_device(cfg)
+    tower = DeepTower(width, cfg.model.mlp, cfg.model.activation, cfg.model.batch_norm, cfg.model.dropout).to(device)
+    if args.linear == "onednn":
+        use_onednn_linears(tower)
+    opt = _dense_optimizer(cfg.optimizer, tower.parameters())
+    # In DeepFM the MLP's input is the embeddings, so its backward includes d(loss)/d(input)
+    # (one more matmul than a leaf input needs); --no-input-grad leaves it out.
+    inputs = [(torch.randn(batch, width, device=device) * 0.1).requires_grad_(not args.no_input_grad)
+              for _ in range(4)]
+    labels = [(torch.rand(batch, device=device) < 0.25).float() for _ in range(4)]
+
+    clock = report.StepClock(device, args.warmup)
+    for i in range(args.warmup + args.steps):
+        opt.zero_grad()
+        logits = tower(inputs[i % 4])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[i % 4])
+        loss.backward()
+        opt.step()
+        clock.tick()
+    numbers = report.rank_numbers(clock, batch, 0.0, device)
+    summary = report.summarize([numbers], batch)
+    summary.update(threads=threads, batch_size=batch, linear=args.linear, input_grad=not args.no_input_grad)
+    params = sum(p.numel() for p in tower.parameters())
+    setup = [
+        ("model", f"DeepTower {width}-{'-'.join(map(str, cfg.model.mlp))}-1"
+                  f"{' +BN' if cfg.model.batch_norm else ''} {cfg.model.activation}, {params:,} parameters; "
+                  f"BCE loss; {cfg.optimizer.dense} step; Linear kernel: {args.linear}; gradient w.r.t. the input: "
+                  f"{'no' if args.no_input_grad else 'yes (as in DeepFM)'}"),
+        ("run", f"1 process x {threads} thread(s), {device.type}, batch {batch}, {args.warmup} warm-up + "
+                f"{args.steps} measured steps"),
+    ]
+    report.emit("ceiling", 1, summary=summary, per_rank=[numbers], setup=setup, config=cfg.to_dict(), out=args.out)
+    return 0

@@ -1,0 +1,108 @@
+"""End to end: the real ``Trainer`` reading Parquet (loader, pipeline, logging, everything),
+timed step by step.
+
+    torchrun --nproc_per_node=2 -m deepfm_dist.bench e2e [--warmup 20] [--steps 200]
+        [--tables config|kaggle] [--section.key=value ...]
+
+The run is ``deepfm_dist.trainer.Trainer`` as ``deepfm-train`` runs it, with
+``train.max_steps = warmup + steps`` (capped to one epoch, so no mid-run evaluation falls in
+the measured window), no checkpoint, no TensorBoard. The only addition is a clock after each
+``train_step`` and the loader's own count of time spent waiting for batches. The final
+evaluation runs as usual but is not timed. Data: ``data.train``/``data.val`` as configured
+(default: the synthetic set ``launcher/train.sh`` and ``launcher/bench.sh`` generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from deepfm_dist.bench import report
+from deepfm_dist.bench.common import add_common_args, config_line, parse
+from deepfm_dist.bench.onednn import use_onednn_linears
+from deepfm_dist.data import resolve_parquet_paths
+from deepfm_dist.distributed.env import destroy, init_distributed
+from deepfm_dist.trainer import Trainer, quiet_library_noise
+
+
+class TimedTrainer(Trainer):
+    """The real Trainer plus a clock read after every training step."""
+
+    def __init__(self, *args, warmup: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock = report.StepClock(self.env.device, warmup)
+        self.wait_at_warmup = 0.0
+
+    def train_step(self, pipeline, batches):
+        loss = super().train_step(pipeline, batches)  # StopIteration at the end passes through
+        self.clock.tick()
+        if len(self.clock.ends) == self.clock.warmup:
+            self.wait_at_warmup = self.train_reader.wait_seconds
+        return loss
+
+
+def _build_with_onednn_linears() -> None:
+    """Prototype hook: the Trainer builds its model with oneDNN Linear layers (bench/onednn.py).
+    To go once the model has a config key for it."""
+    from deepfm_dist import trainer as trainer_module
+
+    build = trainer_module.build_model
+
+    def build_model(cfg):
+        model = build(cfg)
+        use_onednn_linears(model)
+        return model
+
+    trainer_module.build_model = build_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench e2e", description=__doc__.split("\n\n")[0])
+    add_common_args(parser, warmup=20, steps=200)
+    args, cfg = parse(parser, list(argv or []) + ["--checkpoint.at_end=false"])
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first steps fill the pipeline)")
+    quiet_library_noise()
+    train_files = resolve_parquet_paths(cfg.data.train, "data.train")
+    val_files = resolve_parquet_paths(cfg.data.val, "data.val")
+    if args.linear == "onednn":
+        _build_with_onednn_linears()
+    env = init_distributed(cfg.train.device)
+    try:
+        if not cfg.run_dir or cfg.run_dir == "runs/default":
+            cfg.run_dir = f"runs/bench/e2e_ws{env.world_size}"
+        cfg.train.max_steps = args.warmup + args.steps
+        trainer = TimedTrainer(cfg, env, train_files, val_files, warmup=args.warmup)
+        if trainer.total_steps < cfg.train.max_steps:
+            raise SystemExit(
+                f"bench e2e: {args.warmup} + {args.steps} steps need {cfg.train.max_steps * trainer.global_batch:,} "
+                f"rows but one epoch of data.train gives {trainer.steps_per_epoch} steps; use fewer --steps or more data"
+            )
+        trainer.total_steps = min(trainer.total_steps, trainer.steps_per_epoch)
+        trainer.run()
+        clock = trainer.clock
+        numbers = report.rank_numbers(clock, cfg.train.batch_size,
+                                      trainer.train_reader.wait_seconds - trainer.wait_at_warmup, env.device)
+        per_rank = report.gather_ranks(numbers)
+        if env.is_main:
+            summary = report.summarize(per_rank, cfg.train.batch_size)
+            summary["threads_per_rank"] = trainer.threads
+            summary["batch_size_per_rank"] = cfg.train.batch_size
+            summary["pipeline"] = cfg.train.pipeline
+            summary["linear"] = args.linear
+            setup = [
+                ("model", config_line(cfg)),
+                ("run", f"{env.world_size} rank(s) x {trainer.threads or 1} thread(s), {env.backend}, "
+                        f"{env.device.type}; batch {cfg.train.batch_size}/rank; "
+                        f"{'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; Linear kernel {args.linear}; "
+                        f"{args.warmup} warm-up + {args.steps} measured steps"),
+                ("data", f"{len(train_files)} Parquet files, {trainer.train_reader.num_rows:,} rows "
+                         f"({', '.join(cfg.data.train)}); workers {cfg.data.num_workers}, prefetch "
+                         f"{cfg.data.prefetch}, shuffle {cfg.data.shuffle}"),
+                ("sharding", f"type={cfg.sharding.type}; "
+                             + "; ".join(sorted({f'{p.sharding_type}/{p.compute_kernel}' for p in trainer.placements}))),
+            ]
+            report.emit("e2e", env.world_size, summary=summary, per_rank=per_rank, setup=setup,
+                        config=cfg.to_dict(), out=args.out)
+    finally:
+        destroy()
+    return 0

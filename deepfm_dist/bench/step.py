@@ -1,0 +1,173 @@
+"""Training steps on pre-built batches: the sharded model, its optimizers and the real step
+(``Trainer.train_step``: TrainPipelineSparseDist, or the plain loop with
+``--train.pipeline=false``), with no file I/O, to isolate model + sharding + comms.
+
+    torchrun --nproc_per_node=2 -m deepfm_dist.bench step [--warmup 20] [--steps 100]
+        [--tables config|kaggle] [--profile DIR] [--section.key=value ...]
+
+Batches are Criteo-shaped (``common.synthetic_batches``), made once per rank before the
+clock starts and cycled. With ``--tables kaggle`` it is also the memory benchmark: each rank
+reports the bytes of its table shards and fused optimizer state next to its peak RSS, and the
+bound ``1.25 x (shards + state) + 1.5 GiB``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+import types
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from deepfm_dist.bench import report
+from deepfm_dist.bench.common import add_common_args, config_line, parse, synthetic_batches
+from deepfm_dist.bench.onednn import use_onednn_linears
+from deepfm_dist.distributed.env import destroy, init_distributed, set_cpu_threads
+from deepfm_dist.distributed.sharding import describe_plan, plan_report, shard_model
+from deepfm_dist.model import table_name
+from deepfm_dist.optim import build_optimizers, lr_factor, set_learning_rates
+from deepfm_dist.trainer import Trainer, build_model, quiet_library_noise
+
+DISTINCT_BATCHES = 16
+"""Pre-built batches per rank, cycled (distinct ids per step without holding a whole epoch)."""
+
+
+def _local_bytes(value) -> int:
+    if isinstance(value, ShardedTensor):
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        return local.numel() * local.element_size()
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return 0
+
+
+def memory_breakdown(model: torch.nn.Module, opts) -> dict[str, float]:
+    """MiB this rank holds in table shards, fused (table) optimizer state, and dense params + state."""
+    tables = sum(_local_bytes(v) for k, v in model.state_dict().items() if ".embedding_bags." in k)
+    emb_state = 0
+    for per_param in opts.fused.state_dict()["state"].values():
+        emb_state += sum(_local_bytes(v) for v in per_param.values())
+    dense = sum(p.numel() * p.element_size() for p in opts.dense_params)
+    for per_param in opts.dense.state.values():
+        dense += sum(_local_bytes(v) for v in per_param.values())
+    mib = 2**20
+    shards = (tables + emb_state) / mib
+    return {
+        "table_shards_mb": tables / mib,
+        "table_optimizer_state_mb": emb_state / mib,
+        "dense_params_and_state_mb": dense / mib,
+        "rss_bound_mb": 1.25 * shards + 1.5 * 1024,
+    }
+
+
+def profile_steps(step, steps: int, out_dir: str, rank: int) -> str:
+    """Run ``steps`` steps under torch.profiler; write a Chrome trace and an op table per rank."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(out_dir, f"trace_rank{rank}.json"))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    with open(os.path.join(out_dir, f"ops_rank{rank}.txt"), "w") as f:
+        f.write(table)
+    from deepfm_dist.bench.profile import breakdown
+
+    with open(os.path.join(out_dir, f"breakdown_rank{rank}.txt"), "w") as f:
+        f.write(breakdown(prof.key_averages(), steps, wall))
+    return table + "\n" + breakdown(prof.key_averages(), steps, wall)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench step", description=__doc__.split("\n\n")[0])
+    add_common_args(parser, warmup=20, steps=100)
+    parser.add_argument("--profile", metavar="DIR", help="also profile --profile-steps steps after the "
+                        "measurement (torch.profiler); traces and op tables go to DIR")
+    parser.add_argument("--profile-steps", type=int, default=20)
+    args, cfg = parse(parser, list(argv or []))
+    quiet_library_noise()
+    env = init_distributed(cfg.train.device)
+    try:
+        threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
+        rss_before_model = report.current_rss_mb()
+        module = build_model(cfg)
+        if args.linear == "onednn":
+            use_onednn_linears(module)
+        model, plan = shard_model(module, cfg, env)
+        opts = build_optimizers(model, cfg.optimizer, cfg.train.grad_clip)
+        placements = describe_plan(plan, env.world_size, [table_name(f) for f in cfg.data.sparse])
+        memory = memory_breakdown(model, opts)
+        batches = synthetic_batches(cfg, DISTINCT_BATCHES, cfg.train.batch_size, seed=1000 + env.rank)
+        if env.device.type == "cuda":
+            batches = [b.pin_memory() for b in batches]
+        data = report.TimedIterator(itertools.cycle(batches))
+        pipeline = (TrainPipelineSparseDist(model, opts.combined, env.device, execute_all_batches=True)
+                    if cfg.train.pipeline else None)
+        # The real step: Trainer.train_step on an object holding what it reads.
+        holder = types.SimpleNamespace(env=env, cfg=cfg, opts=opts, model=model)
+        total = args.warmup + args.steps
+        model.train()
+
+        def step(i: int = 0) -> torch.Tensor:
+            set_learning_rates(opts, cfg.optimizer, lr_factor(cfg.optimizer, i, total))
+            return Trainer.train_step(holder, pipeline, data)
+
+        if env.world_size > 1:
+            torch.distributed.barrier()
+        clock = report.StepClock(env.device, args.warmup)
+        wait_at_warmup = 0.0
+        for i in range(total):
+            step(i)
+            clock.tick()
+            if i + 1 == args.warmup:
+                wait_at_warmup = data.wait_seconds
+        numbers = report.rank_numbers(clock, cfg.train.batch_size, data.wait_seconds - wait_at_warmup, env.device,
+                                      rss_before_model_mb=rss_before_model, **memory)
+        if args.profile:
+            table = profile_steps(step, args.profile_steps, args.profile, env.rank)
+            if env.is_main:
+                print(table)
+        per_rank = report.gather_ranks(numbers)
+        if env.is_main:
+            summary = report.summarize(per_rank, cfg.train.batch_size)
+            summary["threads_per_rank"] = threads
+            summary["batch_size_per_rank"] = cfg.train.batch_size
+            summary["pipeline"] = cfg.train.pipeline
+            summary["linear"] = args.linear
+            summary["table_shards_mb_per_rank"] = [round(r["table_shards_mb"] + r["table_optimizer_state_mb"], 1)
+                                                   for r in per_rank]
+            summary["rss_bound_mb_per_rank"] = [round(r["rss_bound_mb"], 1) for r in per_rank]
+            summary["rss_within_bound"] = all(r["peak_rss_mb"] <= r["rss_bound_mb"] for r in per_rank)
+            mem_lines = "\n".join(
+                f"rank {i}: table shards {r['table_shards_mb']:,.0f} MiB + table optimizer state "
+                f"{r['table_optimizer_state_mb']:,.0f} MiB + dense {r['dense_params_and_state_mb']:,.0f} MiB; "
+                f"RSS before the model {r['rss_before_model_mb']:,.0f} MiB; peak RSS {r['peak_rss_mb']:,.0f} MiB "
+                f"(bound 1.25 x shards+state + 1.5 GiB = {r['rss_bound_mb']:,.0f} MiB)"
+                for i, r in enumerate(per_rank)
+            )
+            setup = [
+                ("model", config_line(cfg)),
+                ("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, {env.device.type}; "
+                        f"batch {cfg.train.batch_size}/rank; {'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; "
+                        f"Linear kernel {args.linear}; "
+                        f"{args.warmup} warm-up + {args.steps} measured steps on {DISTINCT_BATCHES} pre-built batches"),
+                ("sharding", f"type={cfg.sharding.type}; "
+                             + "; ".join(sorted({f'{p.sharding_type}/{p.compute_kernel}' for p in placements}))),
+            ]
+            table = report.rank_table(per_rank, summary) + "\n\n" + plan_report(placements) + "\n\n" + mem_lines
+            report.emit("step", env.world_size, summary=summary, per_rank=per_rank, setup=setup,
+                        config=cfg.to_dict(), out=args.out, table=table)
+    finally:
+        destroy()
+    return 0
