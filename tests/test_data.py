@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from deepfm_dist.data import (
-    exact_auc,
     generate,
     hash_ids,
     hash_strings,
@@ -196,19 +195,6 @@ def test_synthetic_without_dense_or_sparse_columns(tmp_path, num_dense, num_spar
     assert pq.read_schema(tmp_path / "val" / "part-00000.parquet").names == (
         ["label"] + oracle["dense"] + oracle["sparse"]
     )
-
-
-def test_exact_auc_with_ties():
-    labels = np.array([0, 0, 1, 1, 0, 1])
-    scores = np.array([0.1, 0.5, 0.5, 0.9, 0.2, 0.5])
-    # Pairwise definition: positive beats negative = 1, tie = 0.5.
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    slow = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
-    assert exact_auc(labels, scores) == pytest.approx(slow)
-    assert math.isnan(exact_auc(np.ones(3), np.arange(3)))
-
-
-# --------------------------------------------------------------------------- paths
 
 
 def _write(path, columns: dict, row_group_size=None):

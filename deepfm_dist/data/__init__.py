@@ -11,13 +11,12 @@ from deepfm_dist.data.hashing import hash_ids, hash_strings, splitmix64
 from deepfm_dist.data.loader import ParquetLoader
 from deepfm_dist.data.parquet import open_parquet, resolve_parquet_paths
 from deepfm_dist.data.schema import FeatureSpec, feature_specs
-from deepfm_dist.data.synthetic import exact_auc, generate, log_loss
+from deepfm_dist.data.synthetic import generate, log_loss
 
 __all__ = [
     "Batch",
     "FeatureSpec",
     "ParquetLoader",
-    "exact_auc",
     "feature_specs",
     "generate",
     "hash_ids",

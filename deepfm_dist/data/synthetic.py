@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from deepfm_dist.data.hashing import splitmix64
+from deepfm_dist.metrics import exact_auc
 
 DEFAULT_MAX_CARDINALITY = 100_000
 MIN_DEFAULT_CARDINALITY = 4
@@ -76,36 +78,6 @@ def default_cardinalities(
     sizes = np.round(np.geomspace(low, max_cardinality, num=num_sparse)).astype(np.int64)
     order = np.argsort(splitmix64(np.arange(num_sparse, dtype=np.uint64)), kind="stable")
     return [int(s) for s in sizes[order]]
-
-
-def exact_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact ROC AUC (Mann-Whitney U with average ranks for tied scores).
-
-    Args:
-        labels: ``[N]`` in {0, 1}.
-        scores: ``[N]``, higher = more likely positive.
-
-    Returns:
-        AUC in [0, 1]; NaN when ``labels`` hold a single class.
-    """
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores)
-    num_pos = int(labels.sum())
-    num_neg = labels.size - num_pos
-    if num_pos == 0 or num_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    # Tied scores share the average of the 1-based ranks they span.
-    is_new = np.empty(sorted_scores.size, dtype=bool)
-    is_new[0] = True
-    np.not_equal(sorted_scores[1:], sorted_scores[:-1], out=is_new[1:])
-    group = np.cumsum(is_new) - 1
-    group_end = np.flatnonzero(np.append(is_new[1:], True)) + 1  # 1-based last rank
-    group_start = np.flatnonzero(is_new) + 1
-    avg_rank = (group_start + group_end) / 2.0
-    pos_rank_sum = avg_rank[group][labels[order]].sum()
-    return float((pos_rank_sum - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -456,7 +428,7 @@ def generate(
     labels, probs = val["labels"], val["probs"]
     val_ctr = float(labels.mean())
     oracle = {
-        "val_auc": exact_auc(labels, probs),
+        "val_auc": exact_auc(torch.from_numpy(np.asarray(probs)), torch.from_numpy(np.asarray(labels))),
         "val_logloss": log_loss(labels, probs),
         # Log loss of always predicting the val CTR: what "learned nothing" scores.
         "val_constant_logloss": log_loss(labels, np.full(labels.size, val_ctr)),
