@@ -49,5 +49,11 @@ def main(argv: list[str] | None = None) -> dict:
     return train(cfg)
 
 
+def cli() -> int:
+    """Console-script entry (``deepfm-train``): exit status 0 on success, not the summary."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -223,7 +224,15 @@ def train(cfg: Config) -> dict:
     if restarts and env.is_main:
         print(f"elastic restart #{restarts}: resuming from the latest checkpoint", flush=True)
     try:
-        return Trainer(cfg, env, train_files, val_files).run()
+        trainer = Trainer(cfg, env, train_files, val_files)
+        summary = trainer.run()
+        # gloo joins its worker threads only when the last reference to the process group
+        # goes; the sharded model holds one. Drop it before destroy(), or a worker thread can
+        # still be tearing down during interpreter exit (seen: "terminate called without an
+        # active exception", exit -6, after a complete run).
+        del trainer
+        gc.collect()
+        return summary
     finally:
         destroy()
 

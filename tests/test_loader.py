@@ -378,6 +378,118 @@ def test_pinned_memory(uneven, workers):
     assert b.sparse_features.values().is_pinned()
 
 
+# --------------------------------------------------------------------------- pass-through columns
+
+
+def _rid(i: int) -> str | None:
+    return None if i % 9 == 0 else f"req-{i}"
+
+
+@pytest.fixture
+def with_ids(tmp_path):
+    """The ``uneven`` layout plus pass-through columns: a string request id (null every 9th
+    row; dictionary-encoded in the second file), a timestamp and a list<string>."""
+    paths, start = [], 0
+    for i, rows in enumerate((700, 450, 333)):
+        idx = np.arange(start, start + rows)
+        cols = _columns(idx)
+        rid = pa.array([_rid(int(j)) for j in idx], pa.string())
+        cols["rid"] = rid.dictionary_encode() if i == 1 else rid
+        cols["ts"] = pa.array(idx * 1_000, pa.timestamp("ms"))
+        cols["tags"] = pa.array([[f"t{j % 3}"] * int(j % 3) for j in idx], pa.list_(pa.string()))
+        paths.append(_write(tmp_path / f"part-{i}.parquet", cols, row_group_size=97))
+        start += rows
+    return paths, start
+
+
+PASS = ["rid", "ts", "tags", "I1"]  # I1 is also a configured (dense) column
+
+
+def _check_passthrough(b: Batch) -> np.ndarray:
+    """Every pass-through row matches the converted row beside it; returns the real row ids."""
+    t = b.passthrough
+    assert t.num_rows == b.labels.shape[0] and t.column_names == PASS
+    assert t.schema.field("rid").type == pa.string()  # dictionary decoded, same type for every file
+    keep = (b.weights == 1.0).numpy()
+    rows = _row_ids(b)
+    real = t.filter(pa.array(keep))
+    assert real.column("rid").to_pylist() == [_rid(int(j)) for j in rows]
+    assert real.column("I1").to_pylist() == rows.tolist()
+    np.testing.assert_array_equal(real.column("ts").cast(pa.int64()).to_numpy(), rows * 1_000)
+    assert real.column("tags").to_pylist() == [[f"t{j % 3}"] * int(j % 3) for j in rows]
+    pad = t.filter(pa.array(~keep))
+    assert all(pad.column(c).null_count == pad.num_rows for c in PASS)
+    # A compact copy: a batch does not keep (or pickle) its row groups' buffers.
+    assert t.get_total_buffer_size() < 64 * 1024
+    return rows
+
+
+@pytest.mark.parametrize("world,workers,train", [(1, 0, False), (3, 0, False), (3, 2, False), (2, 0, True), (2, 2, True)])
+def test_passthrough_rows_stay_aligned(with_ids, world, workers, train):
+    paths, n = with_ids
+    cfg = _cfg(num_workers=workers, shuffle=True, shuffle_buffer=200)
+    seen = []
+    for rank in range(world):
+        loader = _loader(paths, cfg, batch_size=64, rank=rank, world_size=world, train=train, passthrough=PASS)
+        assert loader.passthrough_schema.names == PASS
+        for b in loader:
+            seen.append(_check_passthrough(b))
+            moved = b.to(torch.device("cpu"))
+            assert moved.passthrough is b.passthrough  # host data: never moved, never copied
+    rows = np.concatenate(seen)
+    assert np.unique(rows).size == rows.size
+    if not train:
+        assert rows.size == n
+    # Without passthrough nothing changes.
+    assert next(iter(_loader(paths, cfg, batch_size=64))).passthrough is None
+
+
+def test_passthrough_on_skipped_row_group_is_null(tmp_path):
+    path = _corrupt_row_group(tmp_path)
+    loader = _loader([path], _cfg(skip_bad_row_groups=True), batch_size=64, passthrough=["I1", "C2"])
+    got = []
+    for b in loader:
+        keep = (b.weights == 1.0).numpy()
+        ids = b.passthrough.column("I1").to_numpy(zero_copy_only=False)
+        np.testing.assert_array_equal(ids[keep], _row_ids(b))  # padding sits mid-batch here
+        assert b.passthrough.filter(pa.array(~keep)).column("C2").null_count == int((~keep).sum())
+        got.append(ids[keep])
+    np.testing.assert_array_equal(np.concatenate(got), np.r_[0:100, 200:300])
+
+
+def test_passthrough_errors(tmp_path, with_ids):
+    paths, _ = with_ids
+    good = _good(tmp_path, "nocol.parquet")  # no rid column
+    with pytest.raises(ValueError, match=r"nocol.parquet: missing pass-through column 'rid' \(the file has"):
+        _loader([paths[0], good], passthrough=["rid"])
+    cols = _columns(np.arange(10))
+    cols["rid"] = pa.array(np.arange(10))
+    other = _write(tmp_path / "intid.parquet", cols)
+    with pytest.raises(ValueError, match="intid.parquet: column 'rid' has type int64, but .*part-0.parquet has string"):
+        _loader([paths[0], other], passthrough=["rid"])
+    with pytest.raises(ValueError, match="distinct column names"):
+        _loader(paths, passthrough=["rid", "rid"])
+
+
+def test_labels_optional(tmp_path):
+    idx = np.arange(50)
+    cols = _columns(idx)
+    labelled = _write(tmp_path / "a.parquet", cols)
+    del cols["label"]
+    unlabelled = _write(tmp_path / "b.parquet", cols)
+    with pytest.raises(ValueError, match="b.parquet: missing label column 'label'"):
+        _loader([unlabelled])
+    for files, labels, has in (([unlabelled], None, False), ([labelled], None, True), ([labelled], False, False)):
+        loader = _loader(files, labels=labels, batch_size=50)
+        assert loader.has_labels is has
+        (b,) = list(loader)
+        np.testing.assert_array_equal(b.labels.numpy(), (idx % 3 == 0) if has else np.zeros(50))
+        np.testing.assert_array_equal(_row_ids(b), idx)
+    with pytest.raises(ValueError, match="b.parquet: no label column 'label', but .*a.parquet has one"):
+        _loader([labelled, unlabelled], labels=None)
+    assert _loader([labelled, unlabelled], labels=False).num_rows == 100
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchrec.datasets.utils import Batch as _TorchrecBatch
@@ -29,10 +30,16 @@ class Batch(_TorchrecBatch):
             with their per-id weights, or None. Kept apart from ``sparse_features`` because
             TorchRec's sharded unweighted tables apply any weights a KJT carries, and FBGEMM's
             CPU kernel gets the gradient of weighted *mean* pooling wrong (measured).
+        passthrough: a ``pyarrow.Table`` of ``B`` rows, row i belonging to batch row i, with
+            the columns the loader was asked to carry (``ParquetLoader(passthrough=...)``,
+            e.g. a request id; any type, nulls kept; null on padding rows), or None. Host
+            data for the caller, never model input: ``to()`` and ``pin_memory()`` hand the
+            same table to the new batch, ``record_stream()`` has nothing to record.
     """
 
     weights: torch.Tensor | None = None
     weighted_features: KeyedJaggedTensor | None = None
+    passthrough: Any = None  # pyarrow.Table | None (not imported here: batches are torch-only)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         move = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
@@ -42,6 +49,7 @@ class Batch(_TorchrecBatch):
             labels=move(self.labels),
             weights=_opt(self.weights, move),
             weighted_features=_opt(self.weighted_features, move),
+            passthrough=self.passthrough,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -59,4 +67,5 @@ class Batch(_TorchrecBatch):
             labels=pin(self.labels),
             weights=_opt(self.weights, pin),
             weighted_features=_opt(self.weighted_features, pin),
+            passthrough=self.passthrough,
         )

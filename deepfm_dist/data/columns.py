@@ -7,7 +7,8 @@ over rows (numpy/Arrow compute); Python loops run over columns, never over rows.
 
 Transforms (documented once, here):
 
-* label -> float32; any value other than 0/1, or a null, is an error.
+* label -> float32; any value other than 0/1, or a null, is an error. A loader told not to
+  read labels (``Layout.label`` None) gives 0 for every row.
 * dense -> float32; nulls, NaN and +-inf -> 0, then ``log1p(max(x, 0))`` (``dense_transform
   = "log1p"``, the default: counts are heavy-tailed and Criteo's I2 has small negative values)
   or nothing (``"none"``).
@@ -16,6 +17,9 @@ Transforms (documented once, here):
   the same per element; a null or empty list is an empty bag; a null element is row 0.
 * weights (``data.weighted``) -> float32, one per id, same lengths as the ids (else an error;
   a null weight is an error too).
+* pass-through columns (``Layout.passthrough``) -> an Arrow table of the same rows, values as
+  in the file (any type, nulls kept; dictionary columns decoded), in the same order as the
+  converted rows; padding rows are all null. It never becomes a tensor.
 """
 
 from __future__ import annotations
@@ -81,7 +85,10 @@ class Rows:
     dense: float32 ``[F_dense, n]`` (column-major: transposed per batch, where it is cheap,
     in cache); ids: int64 ``[F_scalar, n]`` (one-id features, in key
     order); id_weights: float32 ``[F_scalar, n]`` or None (only with a weighted one-id
-    feature; 1.0 for the others); jagged: one ``Jagged`` per multi-hot feature, in key order.
+    feature; 1.0 for the others); jagged: one ``Jagged`` per multi-hot feature, in key order;
+    passthrough: Arrow table of ``n`` rows with the ``Layout.passthrough`` columns, or None.
+    Every operation below applies to all of them alike, which is what keeps a pass-through
+    row beside its converted row.
     """
 
     labels: np.ndarray
@@ -90,6 +97,7 @@ class Rows:
     ids: np.ndarray
     id_weights: np.ndarray | None
     jagged: list[Jagged]
+    passthrough: pa.Table | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -107,6 +115,7 @@ class Rows:
             self.ids[:, start:stop],
             None if self.id_weights is None else self.id_weights[:, start:stop],
             jagged,
+            None if self.passthrough is None else self.passthrough.slice(start, stop - start),
         )
 
     @staticmethod
@@ -129,12 +138,14 @@ class Rows:
                 )
                 for k in range(len(first.jagged))
             ],
+            None if first.passthrough is None else pa.concat_tables([p.passthrough for p in parts]),
         )
 
     @staticmethod
     def padding(layout: Layout, n: int) -> Rows:
         """``n`` weight-0 rows: label 0, dense 0, every one-id feature at the null row 0,
-        every multi-hot feature an empty bag."""
+        every multi-hot feature an empty bag, every pass-through value null."""
+        schema = layout.passthrough
         return Rows(
             np.zeros(n, np.float32), np.zeros(n, np.float32),
             np.zeros((layout.num_dense, n), np.float32),
@@ -145,13 +156,15 @@ class Rows:
                        np.zeros(0, np.float32) if w else None)
                 for w in layout.jagged_weighted
             ],
+            None if schema is None else pa.Table.from_arrays([pa.nulls(n, f.type) for f in schema], schema=schema),
         )
 
     def to_batch(self, layout: Layout) -> Batch:
         """A torchrec ``Batch`` (see ``batch.Batch``): ``sparse_features`` holds the
         unweighted features, ``weighted_features`` the weighted ones with their per-id weights
         (None if there are none); keys in ``data.sparse`` order, values key-major, int32
-        lengths."""
+        lengths; ``passthrough`` the pass-through table (a compact copy: a batch never keeps
+        or pickles a whole row group's buffers)."""
         ids = self.ids if self.ids.flags.c_contiguous else np.ascontiguousarray(self.ids)
         weighted = self._kjt(layout, layout.weighted_keys, ids, weighted=True) if layout.weighted_keys else None
         return Batch(
@@ -160,6 +173,7 @@ class Rows:
             labels=torch.from_numpy(_owned(self.labels)),
             weights=torch.from_numpy(_owned(self.weights)),
             weighted_features=weighted,
+            passthrough=None if self.passthrough is None else self.passthrough.take(np.arange(len(self))),
         )
 
     def _kjt(self, layout: Layout, keys: list[str], ids: np.ndarray, weighted: bool) -> KeyedJaggedTensor:
@@ -216,9 +230,10 @@ def _owned(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each configured column goes in ``Rows``; derived from ``DataConfig`` only."""
+    """Where each configured column goes in ``Rows``; derived from ``DataConfig``, plus what
+    the loader was asked for beyond it (no labels, pass-through columns)."""
 
-    label: str
+    label: str | None  # None: labels are not read (every row gets 0)
     dense: tuple[str, ...]
     keys: list[str]
     slot: dict[str, tuple[str, int]]  # per key: ("scalar", row in ids) or ("jagged", k)
@@ -230,6 +245,7 @@ class Layout:
     num_embeddings: dict[str, int]
     hash_seed: int
     log1p: bool
+    passthrough: pa.Schema | None = None  # pass-through columns and their (decoded) types
 
     @property
     def num_dense(self) -> int:
@@ -249,11 +265,15 @@ class Layout:
 
     @property
     def columns(self) -> list[str]:
-        """The Parquet columns read, label first."""
-        return [self.label, *self.dense, *self.keys, *self.weights_of.values()]
+        """The Parquet columns read, label first (if read), pass-through ones last; each once."""
+        label = [self.label] if self.label is not None else []
+        extra = self.passthrough.names if self.passthrough is not None else []
+        return list(dict.fromkeys([*label, *self.dense, *self.keys, *self.weights_of.values(), *extra]))
 
     @staticmethod
-    def from_config(cfg: DataConfig) -> Layout:
+    def from_config(cfg: DataConfig, *, labels: bool = True, passthrough: pa.Schema | None = None) -> Layout:
+        """``labels=False``: the label column is not read; ``passthrough``: columns carried
+        beside the rows, with the types every file has (dictionaries decoded)."""
         scalar = tuple(c for c in cfg.sparse if c not in cfg.multi_hot)
         jagged = tuple(c for c in cfg.sparse if c in cfg.multi_hot)
         slot = {
@@ -261,12 +281,12 @@ class Layout:
             for c in cfg.sparse
         }
         return Layout(
-            label=cfg.label, dense=tuple(cfg.dense), keys=list(cfg.sparse), slot=slot,
+            label=cfg.label if labels else None, dense=tuple(cfg.dense), keys=list(cfg.sparse), slot=slot,
             plain_keys=[c for c in cfg.sparse if c not in cfg.weighted],
             weighted_keys=[c for c in cfg.sparse if c in cfg.weighted],
             scalar=scalar, jagged=jagged, weights_of=dict(cfg.weighted),
             num_embeddings=cfg.table_sizes(), hash_seed=cfg.hash_seed,
-            log1p=cfg.dense_transform == "log1p",
+            log1p=cfg.dense_transform == "log1p", passthrough=passthrough,
         )
 
 
@@ -433,8 +453,11 @@ def convert(
     out: dict[str, Any] = {}
 
     def labels_and_dense() -> None:
-        labels = _labels(_array(table, layout.label), where, layout.label, first_row)
-        out["labels"] = labels if order is None else np.take(labels, order)
+        if layout.label is None:
+            out["labels"] = np.zeros(n, np.float32)
+        else:
+            labels = _labels(_array(table, layout.label), where, layout.label, first_row)
+            out["labels"] = labels if order is None else np.take(labels, order)
         out["dense"] = _dense(table, layout, order)
 
     def scalar(k: int) -> None:
@@ -472,4 +495,21 @@ def convert(
         for future in [pool.submit(_run_all, g) for g in groups if g]:
             future.result()  # re-raises a task's error (e.g. bad labels) here
     return Rows(out["labels"], np.ones(n, np.float32), out["dense"], ids, id_weights,
-                [out[("jagged", k)] for k in range(len(layout.jagged))])
+                [out[("jagged", k)] for k in range(len(layout.jagged))],
+                _passthrough(table, layout.passthrough, order))
+
+
+def _passthrough(table: pa.Table, schema: pa.Schema | None, order: np.ndarray | None) -> pa.Table | None:
+    """The pass-through columns of ``table`` as they are (dictionaries decoded), in ``order``."""
+    if schema is None:
+        return None
+    columns = []
+    for f in schema:
+        col = table.column(f.name)
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(f.type)
+        columns.append(col)
+    # The one schema (nullable fields, no file metadata) for every file and for padding rows,
+    # so that batches can concatenate slices of several row groups.
+    out = pa.Table.from_arrays(columns, schema=schema)
+    return out if order is None else out.take(order)

@@ -30,6 +30,14 @@ without, the same ones are dropped. Evaluation: ``nb = ceil(ceil(N / W) / batch_
 real row is yielded exactly once and batches are completed with padding rows of weight 0
 (label 0, dense 0, null id 0, empty bags). Every batch has exactly ``batch_size`` rows.
 
+**Pass-through columns and labels** (batch prediction). ``passthrough=[...]`` names columns
+(any type, e.g. a request id) that travel beside each batch as ``Batch.passthrough``, an Arrow
+table with one row per batch row, null on padding rows. They are read with the row group and
+go through every slice, permutation, concatenation and padding step together with the
+converted columns (``columns.Rows``), so row i of the table is always row i of the batch; they
+never become tensors. ``labels=False`` does not read the label column (files need not have
+it); ``labels=None`` reads it only if every file has it.
+
 **Shuffle** (training, ``data.shuffle``): (1) the row-group order per epoch, by
 ``(seed, epoch)``; (2) each worker cuts its rows into windows of ``data.shuffle_buffer`` rows
 (rounded up to whole batches) and cuts batches from a uniform random permutation of each
@@ -83,7 +91,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +106,14 @@ from deepfm_dist.config import DataConfig
 from deepfm_dist.data.batch import Batch
 from deepfm_dist.data.columns import BadRowsError, Layout, Rows, convert
 from deepfm_dist.data.parquet import open_parquet
-from deepfm_dist.data.schema import FeatureSpec, check_same_schema, check_schema, column_roles, feature_specs
+from deepfm_dist.data.schema import (
+    FeatureSpec,
+    check_same_schema,
+    check_schema,
+    column_roles,
+    feature_specs,
+    value_type,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +164,53 @@ def _label_stats_problem(meta: pq.FileMetaData, rg: int, label_idx: int | None) 
     return None
 
 
-def _scan(
-    paths: list[str], cfg: DataConfig
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Reads every footer; returns the row groups ``[G, 3]`` (file, row group, rows) in file
-    order and the skipped files/row groups (only with ``skip_bad_row_groups``).
+@dataclass
+class _Footers:
+    """What the footers say: the row groups ``[G, 3]`` (file, row group, rows) in file order,
+    the skipped files/row groups (only with ``skip_bad_row_groups``), whether labels are
+    read, and the pass-through columns with their types (None without any)."""
+
+    groups: np.ndarray
+    skipped: list[dict[str, Any]]
+    labels: bool
+    passthrough: pa.Schema | None
+
+
+def _has_labels(paths: list[str], footers: list, label: str, labels: bool | None) -> bool:
+    """``labels`` (True/False), or for None whether every readable file has the label column.
+
+    Raises:
+        ValueError: for None, some files have it and some do not (naming one of each).
+    """
+    if labels is not None:
+        return labels
+    has = {path: label in f[0].names for path, f in zip(paths, footers) if not isinstance(f, Exception)}
+    if all(has.values()) or not any(has.values()):
+        return bool(has) and all(has.values())
+    with_ = next(p for p, h in has.items() if h)
+    without = next(p for p, h in has.items() if not h)
+    raise ValueError(
+        f"{without}: no label column {label!r}, but {with_} has one; with labels read only where "
+        "present, every file must have the label column or none"
+    )
+
+
+def _scan(paths: list[str], cfg: DataConfig, labels: bool | None = True,
+          passthrough: Sequence[str] = ()) -> _Footers:
+    """Reads every footer (see ``_Footers``); ``labels`` and ``passthrough`` as in
+    ``ParquetLoader``.
 
     Raises:
         ValueError: a footer that cannot be read, a missing column, a wrong type, a file
             whose types differ from the first one, an empty file or row group, label
             statistics outside {0, 1}: naming the file (and row group / column).
     """
-    roles = column_roles(cfg)
     skip = cfg.skip_bad_row_groups
     # Footers are small reads; on an object store their latency dominates, so fetch in parallel.
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
         footers = list(pool.map(_open_footer, paths))
+    with_labels = _has_labels(paths, footers, cfg.label, labels)
+    roles = column_roles(cfg, label=with_labels, passthrough=passthrough)
     groups: list[tuple[int, int, int]] = []
     skipped: list[dict[str, Any]] = []
     first: tuple[str, dict[str, pa.DataType]] | None = None
@@ -189,7 +235,7 @@ def _scan(
             bad(path, None, 0, f"empty file ({meta.num_row_groups} row groups, 0 rows), expected rows")
             continue
         columns = [meta.schema.column(i).path for i in range(meta.num_columns)]
-        label_idx = columns.index(cfg.label) if cfg.label in columns else None
+        label_idx = columns.index(cfg.label) if with_labels and cfg.label in columns else None
         for rg in range(meta.num_row_groups):
             rows = meta.row_group(rg).num_rows
             if rows == 0:
@@ -202,7 +248,11 @@ def _scan(
             groups.append((file_idx, rg, rows))
     if not groups:
         raise ValueError(f"the files hold 0 readable rows: {paths}")
-    return np.array(groups, dtype=np.int64).reshape(-1, 3), skipped
+    schema = None
+    if passthrough:
+        assert first is not None  # there are rows, so a file was read
+        schema = pa.schema([pa.field(c, value_type(first[1][c])) for c in passthrough])
+    return _Footers(np.array(groups, dtype=np.int64).reshape(-1, 3), skipped, with_labels, schema)
 
 
 # --------------------------------------------------------------------------- reading
@@ -320,10 +370,11 @@ class _Source:
     """Everything a worker needs to produce its batches of an epoch (picklable, no open files)."""
 
     def __init__(self, paths: list[str], groups: np.ndarray, cfg: DataConfig, *, batch_size: int,
-                 rank: int, world_size: int, train: bool, seed: int):
+                 rank: int, world_size: int, train: bool, seed: int, labels: bool = True,
+                 passthrough: pa.Schema | None = None):
         self.paths = paths
         self.groups = groups
-        self.layout = Layout.from_config(cfg)
+        self.layout = Layout.from_config(cfg, labels=labels, passthrough=passthrough)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -567,31 +618,50 @@ class ParquetLoader:
             order, every row exactly once, padding rows of weight 0.
         seed: seeds the shuffles (with the epoch); the same on every rank.
         pin_memory: pin batches for asynchronous copies to a GPU (ignored without CUDA).
+        labels: True: every file must have the label column (``cfg.label``); False: it is
+            not read (and need not exist), ``Batch.labels`` are 0; None: read it if every
+            file has it, else as False (some files with it and some without is an error).
+        passthrough: columns to carry beside each batch as ``Batch.passthrough``, an Arrow
+            table with one row per batch row (row i is batch row i; null on padding rows;
+            any type, nulls and values exactly as in the file, dictionaries decoded), e.g.
+            request ids for predictions. They must exist in every file with the same type;
+            a column may also be one of the configured ones. Kept on the host, never
+            converted: pair them with the real rows (``weights > 0``) of the outputs.
 
     Attributes:
         num_rows: rows in all files (less row groups skipped while reading the footers).
         rank_rows: real rows this rank yields per epoch.
         feature_specs: ``schema.FeatureSpec`` per sparse column, what the model is built from.
+        has_labels: whether labels are read (see ``labels``).
+        passthrough_schema: the pass-through columns and their types, or None.
         skipped: bad files/row groups skipped (``data.skip_bad_row_groups``), as dicts with
             file, row_group, rows and reason.
     """
 
     def __init__(self, files: list[str], cfg: DataConfig, *, batch_size: int, rank: int,
-                 world_size: int, train: bool, seed: int, pin_memory: bool = False):
+                 world_size: int, train: bool, seed: int, pin_memory: bool = False,
+                 labels: bool | None = True, passthrough: Sequence[str] = ()):
         if not files:
             raise ValueError("ParquetLoader: files is empty, expected at least one Parquet file")
         if batch_size < 1:
             raise ValueError(f"ParquetLoader: batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"ParquetLoader: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        passthrough = list(passthrough)
+        if not all(isinstance(c, str) and c for c in passthrough) or len(set(passthrough)) < len(passthrough):
+            raise ValueError(f"ParquetLoader: passthrough must be distinct column names, got {passthrough}")
         self.files = list(files)
         self.train = train
         self.num_workers = cfg.num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.feature_specs: list[FeatureSpec] = feature_specs(cfg)
-        groups, self.skipped = _scan(self.files, cfg)
-        self._source = _Source(self.files, groups, cfg, batch_size=batch_size, rank=rank,
-                               world_size=world_size, train=train, seed=seed)
+        footers = _scan(self.files, cfg, labels, passthrough)
+        self.skipped = footers.skipped
+        self.has_labels = footers.labels
+        self.passthrough_schema = footers.passthrough
+        self._source = _Source(self.files, footers.groups, cfg, batch_size=batch_size, rank=rank,
+                               world_size=world_size, train=train, seed=seed, labels=footers.labels,
+                               passthrough=footers.passthrough)
         self.num_rows = self._source.num_rows
         self.rank_rows = self._source.rank_rows
         self.batch_size = batch_size

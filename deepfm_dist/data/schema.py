@@ -10,14 +10,17 @@ sparse                    integer or string (one id per row; null -> the reserve
 sparse in ``multi_hot``   list / large_list of integer or string (a bag of ids per row;
                           a null or empty list is an empty bag, a null element is row 0)
 weights of ``weighted``   floating or integer, list-typed iff its ids column is
+pass-through              any type (carried beside a batch, never converted; see
+                          ``ParquetLoader(passthrough=...)``)
 ========================  =============================================================
 
-Every file must have the same types for the configured columns (other columns may differ
-and are never read).
+Every file must have the same types for the columns read (other columns may differ and are
+never read).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -103,12 +106,13 @@ class ColumnRole:
     accepts: object  # Callable[[pa.DataType], bool]
 
 
-def column_roles(cfg: DataConfig) -> list[ColumnRole]:
-    """Every column the loader reads, in reading order: label, dense, sparse, weights."""
-    roles = [
-        ColumnRole(cfg.label, "label", "integer, bool or floating",
-                   lambda t: _number(t) or pa.types.is_boolean(t)),
-    ]
+def column_roles(cfg: DataConfig, label: bool = True, passthrough: Sequence[str] = ()) -> list[ColumnRole]:
+    """Every column the loader reads, in reading order: label (unless ``label`` is False),
+    dense, sparse, weights, then the ``passthrough`` columns (any type)."""
+    roles = []
+    if label:
+        roles.append(ColumnRole(cfg.label, "label", "integer, bool or floating",
+                                lambda t: _number(t) or pa.types.is_boolean(t)))
     roles += [ColumnRole(c, "dense", "integer or floating", _number) for c in cfg.dense]
     for c in cfg.sparse:
         if c in cfg.multi_hot:
@@ -122,22 +126,31 @@ def column_roles(cfg: DataConfig) -> list[ColumnRole]:
                                     _list_of(_number)))
         else:
             roles.append(ColumnRole(w, "weights", f"floating (weights of {ids!r})", _number))
+    roles += [ColumnRole(c, "pass-through", "any type", lambda t: True) for c in passthrough]
     return roles
+
+
+class MissingColumnError(ValueError):
+    """A file lacks a column the loader reads; ``path``, ``column`` and ``kind`` (the role:
+    label, dense, sparse, ..., pass-through) say which, for callers that name their own flag."""
+
+    def __init__(self, path: str, role: ColumnRole, names: list[str] | None = None):
+        self.path, self.column, self.kind = path, role.name, role.kind
+        super().__init__(f"{path}: missing {role.kind} column {role.name!r}" + (f" (the file has {names})" if names else ""))
 
 
 def check_schema(path: str, schema: pa.Schema, roles: list[ColumnRole]) -> dict[str, pa.DataType]:
     """Checks one file's schema; returns {column: its Arrow type}.
 
     Raises:
+        MissingColumnError: a column is missing (naming the file and the column).
         ValueError: naming the file, the column, the type found and the type expected.
     """
     found: dict[str, pa.DataType] = {}
     for role in roles:
         idx = schema.get_all_field_indices(role.name)
         if not idx:
-            raise ValueError(
-                f"{path}: missing {role.kind} column {role.name!r} (the file has {schema.names})"
-            )
+            raise MissingColumnError(path, role, schema.names)
         if len(idx) > 1:
             raise ValueError(f"{path}: {role.kind} column {role.name!r} appears {len(idx)} times")
         t = schema.field(idx[0]).type
