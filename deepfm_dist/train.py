@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -46,7 +47,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     from deepfm_dist.trainer import train  # heavy imports (torchrec) after the config is valid
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    except Exception as e:
+        # torchrun (and torchelastic's spawn) report only the first rank that failed, which is
+        # often a peer that merely lost its connection; every rank names its own cause here.
+        rank = os.environ.get("RANK", "0")
+        print(f"deepfm-train: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
 
 
 def cli() -> int:
