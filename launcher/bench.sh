@@ -3,9 +3,17 @@
 #
 #   ./launcher/bench.sh loader                        # Parquet loader vs raw pyarrow on 1M synthetic rows
 #   ./launcher/bench.sh loader --data DIR --batch-size 8192 --workers 2
+#   ./launcher/bench.sh step                          # training steps on pre-built batches, NPROC ranks
+#   ./launcher/bench.sh e2e                           # the real Trainer on the synthetic Parquet set
+#   ./launcher/bench.sh ceiling                       # the MLP alone, one process, every core
+#   ./launcher/bench.sh baseline                      # plain single-process PyTorch DeepFM
+#   ./launcher/bench.sh compare                       # all of the above + Kaggle-sized memory run; ratios vs targets
+#   NPROC=1 ./launcher/bench.sh step --tables kaggle --sharding.type=table_wise
 #
 # Every mode is `python -m deepfm_dist.bench MODE`; its last output line is one JSON object.
-# Knobs (environment): VENV.
+# step/e2e run under torchrun (NPROC ranks; default: one per GPU, else 2 CPU ranks); the others
+# are one process. --section.key=value overrides go to the run's config.
+# Knobs (environment): VENV, NPROC (step/e2e), SYNTHETIC_DIR (the e2e data set, made once).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,7 +22,28 @@ VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 
 MODE="${1:-}"
+# e2e and compare read the default preset's synthetic Parquet set; make it once (as train.sh does).
+if [[ "$MODE" == "e2e" || "$MODE" == "compare" ]] && [[ " $* " != *" --data.train"* ]]; then
+  SYNTHETIC_DIR="${SYNTHETIC_DIR:-data/generated/synthetic}"
+  if [[ ! -f "$SYNTHETIC_DIR/oracle.json" ]]; then
+    "$PY" data/make_synthetic.py --out "$SYNTHETIC_DIR" --train-rows 1000000 --val-rows 100000
+  fi
+fi
 case "$MODE" in
+  step|e2e)
+    # One rank per GPU, else 2 CPU ranks; ranks x threads <= cores (set_cpu_threads).
+    if [[ -z "${NPROC:-}" ]]; then
+      NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
+      if [[ "$NGPU" -gt 0 ]]; then NPROC="$NGPU"; else NPROC=2; fi
+    fi
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
+    exec "$VENV/bin/torchrun" --standalone --nnodes=1 --nproc_per_node="$NPROC" --local-ranks-filter=0 \
+      -m deepfm_dist.bench "$@"
+    ;;
+  ceiling|baseline|compare)
+    # One process on every core (compare starts its own torchrun for the distributed runs).
+    exec "$PY" -m deepfm_dist.bench "$@"
+    ;;
   loader)
     # One process (plus its DataLoader workers if asked): no process group needed.
     exec "$PY" -m deepfm_dist.bench "$@"

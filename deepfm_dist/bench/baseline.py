@@ -23,6 +23,7 @@ from torch import nn
 
 from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, config_line, parse, pick_single_device, set_threads, synthetic_batches
+from deepfm_dist.bench.onednn import use_onednn_linears
 from deepfm_dist.model.deepfm import DeepTower, DenseFields
 from deepfm_dist.model.fm import fm_second_order
 from deepfm_dist.optim import _dense_optimizer
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="rows per step (default: train.batch_size)")
     parser.add_argument("--embedding-optimizer", choices=("adagrad", "sparse_adam"), default="adagrad",
                         help="optimizer of the sparse embedding gradients (default adagrad)")
-    args, cfg = parse(parser, list(argv or []))
+    args, cfg = parse(parser, list(argv or []), patch_model=False)
     threads = set_threads(args.threads)
     batch = args.batch_size or cfg.train.batch_size
     torch.manual_seed(cfg.train.seed)
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_single_device(cfg)
     model = PlainDeepFM(len(cfg.data.dense), sizes, cfg.model.embedding_dim, cfg.model.mlp, cfg.model.activation,
                         cfg.model.batch_norm, cfg.model.dropout, cfg.model.init_std).to(device)
+    if "onednn" in args.proposed:  # for information only: compare runs the baseline without it
+        use_onednn_linears(model)
     table_params = list(model.tables.parameters())
     dense_params = [p for n, p in model.named_parameters() if not n.startswith("tables.")]
     if args.embedding_optimizer == "adagrad":
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     numbers = report.rank_numbers(clock, batch, batches.wait_seconds - wait_at_warmup, device)
     summary = report.summarize([numbers], batch)
     summary.update(threads=threads, batch_size=batch, embedding_optimizer=args.embedding_optimizer)
+    # Plain PyTorch: compare gives it only the environment-level proposals (malloc, OpenMP
+    # binding); --proposed onednn here swaps its Linear kernels too, for information.
     setup = [
         ("model", config_line(cfg) + f"; here: nn.EmbeddingBag(sparse=True) x {len(sizes)} + "
                   f"torch.optim.{type(emb_opt).__name__}, dense {cfg.optimizer.dense}"),

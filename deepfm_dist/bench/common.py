@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from deepfm_dist.config import Config, load_config
+from deepfm_dist.bench import proposed
+from deepfm_dist.config import Config, ConfigError, load_config
 from deepfm_dist.data.batch import Batch
 
 KAGGLE_CARDINALITIES = [
@@ -31,22 +32,26 @@ def add_common_args(parser: argparse.ArgumentParser, *, warmup: int, steps: int)
     parser.add_argument("--tables", choices=TABLE_PRESETS, default="config",
                         help="table sizes: as configured (default: 26 x data.num_embeddings), or "
                              "kaggle (the 26 Criteo Kaggle cardinalities, 33.8M rows)")
-    parser.add_argument("--linear", choices=("torch", "onednn"), default="torch",
-                        help="kernel of the MLP's Linear layers on CPU: torch (nn.Linear: MKL sgemm) or "
-                             "onednn (prototype, bench/onednn.py); default torch")
+    parser.add_argument("--proposed", default="", metavar="A,B",
+                        help="measure the real path plus proposed changes (bench/proposed.py): "
+                             "onednn, pin, fm, malloc; default none")
     parser.add_argument("--out", help=f"JSON file to write (default: {os.path.join('runs', 'bench')}/MODE_wsN_TIME.json)")
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Config]:
-    """Benchmark options, then ``--config FILE`` / ``--section.key=value`` for the run's Config."""
+def parse(parser: argparse.ArgumentParser, argv: list[str], *, patch_model: bool = True,
+          ) -> tuple[argparse.Namespace, Config]:
+    """Benchmark options, then ``--config FILE`` / ``--section.key=value`` for the run's Config;
+    applies ``--proposed`` changes (to the Trainer's model builder too when ``patch_model``)."""
     args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if a.startswith("--") and "." not in a.split("=")[0] and not a.startswith("--config")]
-    if bad:
-        parser.error(f"unknown option(s) {' '.join(bad)}; config keys look like --section.key=value")
     overrides = list(BENCH_DEFAULTS)
     if args.tables == "kaggle":
         overrides.append("--data.num_embeddings_per_feature=" + ",".join(map(str, KAGGLE_CARDINALITIES)))
-    cfg = load_config(overrides + rest)
+    try:
+        cfg = load_config(overrides + rest)
+    except ConfigError as e:
+        parser.error(f"{e} (benchmark options are listed above; config keys look like --section.key=value)")
+    args.proposed = proposed.parse_names(args.proposed)
+    args.applied = proposed.apply(args.proposed, patch_model)  # before any process group or thread pool exists
     return args, cfg
 
 

@@ -4,9 +4,11 @@
         [--section.key=value ...]
 
 Runs, one after the other, each in its own process(es): ``ceiling`` (MLP alone, one process,
-every core), ``baseline`` (plain PyTorch DeepFM, one process, every core), ``step`` on 1 rank x
-1 thread (CPU; one GPU when present) and on N ranks (default: 2 on CPU, every GPU), ``e2e`` on
-N ranks, and ``step --tables kaggle`` on N ranks (the memory target). Config overrides go to
+every core; and ``ceiling_leaf``, the same without the gradient w.r.t. the MLP's input, for
+information), ``baseline`` (plain PyTorch DeepFM, one process, every core, at the distributed
+run's global batch), ``step`` on 1 rank x 1 thread (CPU; one GPU when present) and on N ranks
+(default: 2 on CPU, every GPU), ``e2e`` on N ranks, and ``step --tables kaggle`` on N ranks
+(the memory target). ``--proposed`` measures the same with proposed changes applied. Config overrides go to
 every mode. Each measurement records how much CPU other processes used meanwhile
 (``other_load_cores``); one above ``--max-other-load`` is repeated (up to ``--retries``
 times) and the least disturbed attempt is kept. With ``--repeats R`` the whole sequence runs R
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from deepfm_dist.bench import report
+from deepfm_dist.bench import proposed, report
 
 TARGETS = {
     "e2e_vs_ceiling": 0.80,
@@ -61,27 +63,34 @@ def command(mode: str, nproc: int, args: list[str]) -> list[str]:
             f"--nproc_per_node={nproc}", "--local-ranks-filter=0", "-m", "deepfm_dist.bench", mode, *args]
 
 
-def run_once(name: str, cmd: list[str], threads: int, log_dir: str) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def run_once(name: str, cmd: list[str], env: dict[str, str], log_dir: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    log = os.path.join(log_dir, f"{name}.log")
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    result = _last_json(proc.stdout)
-    if proc.returncode != 0 or result is None:
+    for attempt in range(2):  # one more try if the run failed to start (e.g. a port taken meanwhile)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        log = os.path.join(log_dir, f"{name}.log" if attempt == 0 else f"{name}.again.log")
+        with open(log, "w") as f:
+            f.write("$ " + " ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+        result = _last_json(proc.stdout)
+        if proc.returncode == 0 and result is not None:
+            break
+    else:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
         raise RuntimeError(f"bench compare: {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
     result["seconds_total"] = time.perf_counter() - t0
     result["log"] = log
+    result["command"] = " ".join(f"{k}={v}" for k, v in env.items() if k in _SHOWN_ENV) + " " + " ".join(cmd)
     return result
 
 
-def measure(name: str, cmd: list[str], threads: int, log_dir: str, retries: int, max_other: float) -> dict[str, Any]:
+_SHOWN_ENV = ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", *proposed.MALLOC_ENV)
+
+
+def measure(name: str, cmd: list[str], env: dict[str, str], log_dir: str, retries: int, max_other: float,
+            ) -> dict[str, Any]:
     """Run; repeat while other processes disturbed it; keep the least disturbed attempt."""
     attempts = []
     for attempt in range(retries + 1):
-        result = run_once(name if attempt == 0 else f"{name}.retry{attempt}", cmd, threads, log_dir)
+        result = run_once(name if attempt == 0 else f"{name}.retry{attempt}", cmd, env, log_dir)
         attempts.append(result)
         other = result.get("other_load_cores", 0.0)
         print(f"  {name:<22} {result['samples_per_s']:>10,.0f} samples/s  (other processes used "
@@ -106,6 +115,9 @@ def ratios(results: dict[str, dict[str, Any]], nproc: int, cores_1: int, cores_n
         out["e2e_vs_baseline"] = e2e["samples_per_s"] / baseline["samples_per_s"]
     if stepn and ceiling:
         out["step_vs_ceiling"] = stepn["samples_per_s"] / ceiling["samples_per_s"]
+    leaf = results.get("ceiling_leaf")
+    if e2e and leaf:
+        out["e2e_vs_ceiling_without_input_grad"] = e2e["samples_per_s"] / leaf["samples_per_s"]
     if e2e and stepn:
         out["e2e_vs_step"] = e2e["samples_per_s"] / stepn["samples_per_s"]
     if step1 and stepn:
@@ -136,7 +148,8 @@ def targets_table(r: dict[str, Any]) -> tuple[str, dict[str, bool]]:
         for i, (p, b) in enumerate(zip(r["memory_peak_rss_mb_per_rank"], r["memory_bound_mb_per_rank"])):
             lines.append(f"{f'memory, kaggle tables: rank {i} peak RSS / bound (MB)':<52} {p:>10,.0f} "
                          f"{'<= ' + format(b, ',.0f'):>8}  {'yes' if p <= b else 'NO'}")
-    for key, label in (("step_vs_ceiling", "(info) step / ceiling"), ("e2e_vs_step", "(info) e2e / step")):
+    for key, label in (("step_vs_ceiling", "(info) step / ceiling"), ("e2e_vs_step", "(info) e2e / step"),
+                       ("e2e_vs_ceiling_without_input_grad", "(info) e2e / ceiling without d/d(input)")):
         if key in r:
             lines.append(f"{label:<52} {r[key]:>10.2f}")
     return "\n".join(lines), met
@@ -155,6 +168,12 @@ def runs_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _per_rank_batch(overrides: list[str]) -> int:
+    from deepfm_dist.config import load_config
+
+    return load_config([o for o in overrides if o.startswith("--") and "." in o.split("=")[0]]).train.batch_size
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=0, help="ranks of the distributed runs (default: GPUs, else 2)")
@@ -164,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cores' worth of other processes' CPU that counts as disturbed (default 0.25)")
     parser.add_argument("--no-memory", action="store_true", help="skip the Kaggle-sized memory run")
     parser.add_argument("--quick", action="store_true", help="few steps (a smoke test, not a measurement)")
+    parser.add_argument("--proposed", default="", metavar="A,B",
+                        help="proposed changes (bench/proposed.py: onednn, pin, fm, malloc) applied to every "
+                             "run they concern; the baseline (plain PyTorch) only gets the environment ones")
     parser.add_argument("--out", help="JSON file to write (default runs/bench/compare_TIME.json)")
     args, overrides = parser.parse_known_args(argv)
     gpus = torch.cuda.device_count()
@@ -173,17 +195,29 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = os.path.join(report.DEFAULT_OUT_DIR, f"compare_{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(log_dir, exist_ok=True)
     steps = (["--warmup", "2", "--steps", "3"] if args.quick else [])
+    names = proposed.parse_names(args.proposed)
+    model_side = [n for n in names if n in ("onednn", "pin", "fm")]
+    prop = ["--proposed", ",".join(model_side)] if model_side else []
+    base_env = dict(os.environ)
+    if "malloc" in names:
+        base_env.update(proposed.MALLOC_ENV)
+    one_process_env = dict(base_env, **(proposed.OMP_BIND_ENV if "pin" in names else {}))
+    per_rank_batch = _per_rank_batch(overrides)
 
     # name -> (mode, ranks, threads per rank, extra args)
     plan: list[tuple[str, str, int, int, list[str]]] = [
-        ("ceiling", "ceiling", 1, cores, []),
-        ("baseline", "baseline", 1, cores, []),
-        ("step_1", "step", 1, 1 if not gpus else cores, [] if gpus else ["--train.threads=1"]),
-        (f"step_{nproc}", "step", nproc, cpu_threads_n, []),
-        ("e2e", "e2e", nproc, cpu_threads_n, []),
+        ("ceiling", "ceiling", 1, cores, prop),
+        ("ceiling_leaf", "ceiling", 1, cores, [*prop, "--no-input-grad"]),
+        # Plain PyTorch at the distributed run's global batch (the same samples per update;
+        # faster per sample than its per-rank batch, so the ratio is not flattered).
+        ("baseline", "baseline", 1, cores, ["--batch-size", str(per_rank_batch * nproc)]),
+        ("step_1", "step", 1, 1 if not gpus else cores, [*prop, *([] if gpus else ["--train.threads=1"])]),
+        (f"step_{nproc}", "step", nproc, cpu_threads_n, prop),
+        ("e2e", "e2e", nproc, cpu_threads_n, prop),
     ]
     if not args.no_memory:
-        plan.append(("memory", "step", nproc, cpu_threads_n, ["--tables", "kaggle", "--warmup", "3", "--steps", "10"]))
+        plan.append(("memory", "step", nproc, cpu_threads_n,
+                     [*prop, "--tables", "kaggle", "--warmup", "3", "--steps", "10"]))
     print(f"bench compare: {nproc} ranks for the distributed runs, {cores} cores, {gpus} GPUs; logs in {log_dir}",
           flush=True)
     results: dict[str, dict[str, Any]] = {}
@@ -196,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ["--tables", "kaggle"]
             cmd = command(mode, ranks, [*extra, *mode_steps, "--out", os.path.join(log_dir, f"{name}_r{r}.json"),
                                         *overrides])
-            res = measure(f"{name}_r{r}" if args.repeats > 1 else name, cmd, threads, log_dir, args.retries,
+            env = dict(one_process_env if ranks == 1 else base_env, OMP_NUM_THREADS=str(threads))
+            res = measure(f"{name}_r{r}" if args.repeats > 1 else name, cmd, env, log_dir, args.retries,
                           args.max_other_load)
             if name not in results or res["samples_per_s"] > results[name]["samples_per_s"]:
                 results[name] = res
@@ -211,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"versions   {', '.join(f'{k} {v}' for k, v in ver.items())}")
     print(f"commit     {commit}")
     print(f"overrides  {' '.join(overrides) or '(none: the embedded default config)'}")
+    print(f"proposed   {','.join(names) or '(none: the code as it is)'}")
     print()
     print(runs_table(results))
     print()
     print(table)
     path = args.out or os.path.join(log_dir, "compare.json")
     record = {"mode": "compare", "world_size": nproc, "hardware": hw, "versions": ver, "commit": commit,
-              "overrides": overrides, "results": results, "ratios": rat, "targets_met": met,
+              "overrides": overrides, "proposed": names, "results": results, "ratios": rat, "targets_met": met,
               "command": " ".join(sys.argv)}
     with open(path, "w") as f:
         json.dump(record, f, indent=1, default=str)

@@ -15,10 +15,10 @@ evaluation runs as usual but is not timed. Data: ``data.train``/``data.val`` as 
 from __future__ import annotations
 
 import argparse
+import gc
 
 from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, config_line, parse
-from deepfm_dist.bench.onednn import use_onednn_linears
 from deepfm_dist.data import resolve_parquet_paths
 from deepfm_dist.distributed.env import destroy, init_distributed
 from deepfm_dist.trainer import Trainer, quiet_library_noise
@@ -40,21 +40,6 @@ class TimedTrainer(Trainer):
         return loss
 
 
-def _build_with_onednn_linears() -> None:
-    """Prototype hook: the Trainer builds its model with oneDNN Linear layers (bench/onednn.py).
-    To go once the model has a config key for it."""
-    from deepfm_dist import trainer as trainer_module
-
-    build = trainer_module.build_model
-
-    def build_model(cfg):
-        model = build(cfg)
-        use_onednn_linears(model)
-        return model
-
-    trainer_module.build_model = build_model
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench e2e", description=__doc__.split("\n\n")[0])
     add_common_args(parser, warmup=20, steps=200)
@@ -64,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     train_files = resolve_parquet_paths(cfg.data.train, "data.train")
     val_files = resolve_parquet_paths(cfg.data.val, "data.val")
-    if args.linear == "onednn":
-        _build_with_onednn_linears()
     env = init_distributed(cfg.train.device)
     try:
         if not cfg.run_dir or cfg.run_dir == "runs/default":
@@ -79,27 +62,30 @@ def main(argv: list[str] | None = None) -> int:
             )
         trainer.total_steps = min(trainer.total_steps, trainer.steps_per_epoch)
         trainer.run()
-        clock = trainer.clock
-        numbers = report.rank_numbers(clock, cfg.train.batch_size,
+        numbers = report.rank_numbers(trainer.clock, cfg.train.batch_size,
                                       trainer.train_reader.wait_seconds - trainer.wait_at_warmup, env.device)
         per_rank = report.gather_ranks(numbers)
+        threads, placements, num_rows = trainer.threads, trainer.placements, trainer.train_reader.num_rows
+        # The sharded model holds the process group: drop it before destroy() (see trainer.train).
+        del trainer
+        gc.collect()
         if env.is_main:
             summary = report.summarize(per_rank, cfg.train.batch_size)
-            summary["threads_per_rank"] = trainer.threads
+            summary["threads_per_rank"] = threads
             summary["batch_size_per_rank"] = cfg.train.batch_size
             summary["pipeline"] = cfg.train.pipeline
-            summary["linear"] = args.linear
+            summary["proposed"] = args.proposed
             setup = [
                 ("model", config_line(cfg)),
-                ("run", f"{env.world_size} rank(s) x {trainer.threads or 1} thread(s), {env.backend}, "
+                ("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, "
                         f"{env.device.type}; batch {cfg.train.batch_size}/rank; "
-                        f"{'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; Linear kernel {args.linear}; "
+                        f"{'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; proposed: {','.join(args.proposed) or 'none'}; "
                         f"{args.warmup} warm-up + {args.steps} measured steps"),
-                ("data", f"{len(train_files)} Parquet files, {trainer.train_reader.num_rows:,} rows "
+                ("data", f"{len(train_files)} Parquet files, {num_rows:,} rows "
                          f"({', '.join(cfg.data.train)}); workers {cfg.data.num_workers}, prefetch "
                          f"{cfg.data.prefetch}, shuffle {cfg.data.shuffle}"),
                 ("sharding", f"type={cfg.sharding.type}; "
-                             + "; ".join(sorted({f'{p.sharding_type}/{p.compute_kernel}' for p in trainer.placements}))),
+                             + "; ".join(sorted({f'{p.sharding_type}/{p.compute_kernel}' for p in placements}))),
             ]
             report.emit("e2e", env.world_size, summary=summary, per_rank=per_rank, setup=setup,
                         config=cfg.to_dict(), out=args.out)

@@ -3,6 +3,8 @@
 ``breakdown(prof.key_averages(), steps, wall_s)`` assigns every op's *self* CPU time to one
 group by its name (first matching pattern wins) and prints ms per step per group; whatever the
 ops do not account for is Python and framework overhead (or, across ranks, idle time).
+Self time of a Python-level range (``DistributedDataParallel.forward``, TorchRec's
+``## ... ##`` and ``[lookup]`` ranges, autograd nodes) is the Python code that ran inside it.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import re
 
 GROUPS: list[tuple[str, str]] = [
-    ("MLP matmuls (fwd+bwd)", r"^aten::(addmm|mm|bmm|matmul|linear)$"),
+    ("MLP matmuls (fwd+bwd)", r"^aten::(addmm|mm|bmm|matmul|linear)$|^mkldnn::_linear_pointwise$"),
+    ("waiting for all-to-all / all-reduce results", r"All2All.*(Wait|Req)|Request wait|wait\(\)|^aten::wait"),
     ("embedding kernels (FBGEMM lookup + fused update)", r"^fbgemm::(split_embedding|.*lookup|.*backward|.*rowwise)"),
     ("sparse input handling (KJT permute/bucketize)", r"^fbgemm::|^torchrec::|keyed|jagged"),
     ("all-to-all (gloo)", r"all_to_all|alltoall"),
-    ("DDP all-reduce (gloo)", r"allreduce|all_reduce|DistributedDataParallel"),
-    ("collective waits", r"wait|^c10d::|gloo|record_param_comms|barrier|broadcast"),
+    ("DDP all-reduce (gloo)", r"allreduce|all_reduce"),
+    ("other collectives (c10d, barrier, broadcast)", r"wait|^c10d::|gloo|record_param_comms|barrier|broadcast"),
     ("dense optimizer (Adam)", r"Optimizer|_foreach|adam|addcdiv|addcmul|lerp"),
     ("BatchNorm / activations", r"batch_norm|relu|threshold|sigmoid|gelu|silu|tanh"),
     ("loss", r"binary_cross_entropy"),
@@ -24,6 +27,7 @@ GROUPS: list[tuple[str, str]] = [
                                      r"unsqueeze|squeeze|flatten|as_strided|expand|empty|empty_strided|zeros|zero_|fill_|"
                                      r"ones_like|zeros_like|empty_like|detach|detach_|new_empty|resize_|unbind)$"),
     ("elementwise / reductions", r"^aten::"),
+    ("Python-level ranges: model forward, pipeline, autograd nodes", r"."),
 ]
 
 
@@ -31,7 +35,7 @@ def classify(name: str) -> str:
     for group, pattern in GROUPS:
         if re.search(pattern, name, flags=re.IGNORECASE):
             return group
-    return "other (autograd nodes, profiler, Python-level ranges)"
+    return "other"
 
 
 def grouped_ms(averages, steps: int) -> dict[str, float]:

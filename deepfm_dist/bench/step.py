@@ -14,6 +14,7 @@ bound ``1.25 x (shards + state) + 1.5 GiB``.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import os
 import time
@@ -26,12 +27,13 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, config_line, parse, synthetic_batches
-from deepfm_dist.bench.onednn import use_onednn_linears
 from deepfm_dist.distributed.env import destroy, init_distributed, set_cpu_threads
 from deepfm_dist.distributed.sharding import describe_plan, plan_report, shard_model
 from deepfm_dist.model import table_name
+from deepfm_dist.model.build import table_names
 from deepfm_dist.optim import build_optimizers, lr_factor, set_learning_rates
-from deepfm_dist.trainer import Trainer, build_model, quiet_library_noise
+from deepfm_dist import trainer
+from deepfm_dist.trainer import Trainer, quiet_library_noise
 
 DISTINCT_BATCHES = 16
 """Pre-built batches per rank, cycled (distinct ids per step without holding a whole epoch)."""
@@ -89,6 +91,53 @@ def profile_steps(step, steps: int, out_dir: str, rank: int) -> str:
     return table + "\n" + breakdown(prof.key_averages(), steps, wall)
 
 
+def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int | None]:
+    """Build the sharded model and run the steps; returns (per-rank numbers, plan, threads).
+
+    Everything that holds the process group (model, pipeline, optimizers) lives only in here,
+    so it is gone before the caller destroys the group (see trainer.train).
+    """
+    threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
+    rss_before_model = report.current_rss_mb()
+    model, plan = shard_model(trainer.build_model(cfg), cfg, env)  # as patched by --proposed
+    opts = build_optimizers(model, cfg.optimizer, cfg.train.grad_clip)
+    placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
+    memory = memory_breakdown(model, opts)
+    batches = synthetic_batches(cfg, DISTINCT_BATCHES, cfg.train.batch_size, seed=1000 + env.rank)
+    if env.device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+    data = report.TimedIterator(itertools.cycle(batches))
+    pipeline = (TrainPipelineSparseDist(model, opts.combined, env.device, execute_all_batches=True)
+                if cfg.train.pipeline else None)
+    # The real step: Trainer.train_step on an object holding what it reads.
+    holder = types.SimpleNamespace(env=env, cfg=cfg, opts=opts, model=model)
+    total = args.warmup + args.steps
+    model.train()
+
+    def step(i: int = 0) -> torch.Tensor:
+        set_learning_rates(opts, cfg.optimizer, lr_factor(cfg.optimizer, i, total))
+        return Trainer.train_step(holder, pipeline, data)
+
+    if env.world_size > 1:
+        torch.distributed.barrier()
+    clock = report.StepClock(env.device, args.warmup)
+    wait_at_warmup = 0.0
+    for i in range(total):
+        step(i)
+        clock.tick()
+        if i + 1 == args.warmup:
+            wait_at_warmup = data.wait_seconds
+    numbers = report.rank_numbers(clock, cfg.train.batch_size, data.wait_seconds - wait_at_warmup, env.device,
+                                  rss_before_model_mb=rss_before_model, **memory)
+    if args.profile:
+        table = profile_steps(step, args.profile_steps, args.profile, env.rank)
+        if env.is_main:
+            print(table)
+    if pipeline is not None:
+        pipeline.detach()
+    return report.gather_ranks(numbers), placements, threads
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench step", description=__doc__.split("\n\n")[0])
     add_common_args(parser, warmup=20, steps=100)
@@ -99,52 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     env = init_distributed(cfg.train.device)
     try:
-        threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
-        rss_before_model = report.current_rss_mb()
-        module = build_model(cfg)
-        if args.linear == "onednn":
-            use_onednn_linears(module)
-        model, plan = shard_model(module, cfg, env)
-        opts = build_optimizers(model, cfg.optimizer, cfg.train.grad_clip)
-        placements = describe_plan(plan, env.world_size, [table_name(f) for f in cfg.data.sparse])
-        memory = memory_breakdown(model, opts)
-        batches = synthetic_batches(cfg, DISTINCT_BATCHES, cfg.train.batch_size, seed=1000 + env.rank)
-        if env.device.type == "cuda":
-            batches = [b.pin_memory() for b in batches]
-        data = report.TimedIterator(itertools.cycle(batches))
-        pipeline = (TrainPipelineSparseDist(model, opts.combined, env.device, execute_all_batches=True)
-                    if cfg.train.pipeline else None)
-        # The real step: Trainer.train_step on an object holding what it reads.
-        holder = types.SimpleNamespace(env=env, cfg=cfg, opts=opts, model=model)
-        total = args.warmup + args.steps
-        model.train()
-
-        def step(i: int = 0) -> torch.Tensor:
-            set_learning_rates(opts, cfg.optimizer, lr_factor(cfg.optimizer, i, total))
-            return Trainer.train_step(holder, pipeline, data)
-
-        if env.world_size > 1:
-            torch.distributed.barrier()
-        clock = report.StepClock(env.device, args.warmup)
-        wait_at_warmup = 0.0
-        for i in range(total):
-            step(i)
-            clock.tick()
-            if i + 1 == args.warmup:
-                wait_at_warmup = data.wait_seconds
-        numbers = report.rank_numbers(clock, cfg.train.batch_size, data.wait_seconds - wait_at_warmup, env.device,
-                                      rss_before_model_mb=rss_before_model, **memory)
-        if args.profile:
-            table = profile_steps(step, args.profile_steps, args.profile, env.rank)
-            if env.is_main:
-                print(table)
-        per_rank = report.gather_ranks(numbers)
+        per_rank, placements, threads = measure(args, cfg, env)
+        gc.collect()  # the model's last references: gloo joins its threads before destroy()
         if env.is_main:
             summary = report.summarize(per_rank, cfg.train.batch_size)
             summary["threads_per_rank"] = threads
             summary["batch_size_per_rank"] = cfg.train.batch_size
             summary["pipeline"] = cfg.train.pipeline
-            summary["linear"] = args.linear
+            summary["proposed"] = args.proposed
             summary["table_shards_mb_per_rank"] = [round(r["table_shards_mb"] + r["table_optimizer_state_mb"], 1)
                                                    for r in per_rank]
             summary["rss_bound_mb_per_rank"] = [round(r["rss_bound_mb"], 1) for r in per_rank]
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("model", config_line(cfg)),
                 ("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, {env.device.type}; "
                         f"batch {cfg.train.batch_size}/rank; {'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; "
-                        f"Linear kernel {args.linear}; "
+                        f"proposed: {','.join(args.proposed) or 'none'}; "
                         f"{args.warmup} warm-up + {args.steps} measured steps on {DISTINCT_BATCHES} pre-built batches"),
                 ("sharding", f"type={cfg.sharding.type}; "
                              + "; ".join(sorted({f'{p.sharding_type}/{p.compute_kernel}' for p in placements}))),

@@ -32,6 +32,7 @@ from deepfm_dist.config import SHARDING_TYPES, Config
 from deepfm_dist.data.schema import feature_specs
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
 from deepfm_dist.model import init_table_block, table_dim, table_name
+from deepfm_dist.model.init import BLOCK_ROWS
 
 FUSED_OPTIMIZERS = {
     "sgd": EmbOptimType.EXACT_SGD,
@@ -290,8 +291,14 @@ def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
             if tensor.numel() == 0:
                 continue
             rows, cols = tensor.shape
-            block = init_table_block(rows=(r0, r0 + rows), cols=(c0, c0 + cols), **kwargs)
-            tensor.copy_(block.to(tensor.device, tensor.dtype))
+            # One RNG block at a time: a temporary the size of the whole shard would add the
+            # largest shard to peak memory (measured: +0.87 GB on a rank of Kaggle-sized tables).
+            lo = r0
+            while lo < r0 + rows:
+                hi = min(r0 + rows, (lo // BLOCK_ROWS + 1) * BLOCK_ROWS)
+                block = init_table_block(rows=(lo, hi), cols=(c0, c0 + cols), **kwargs)
+                tensor[lo - r0 : hi - r0].copy_(block.to(tensor.device, tensor.dtype))
+                lo = hi
         touched += 1
     return touched
 

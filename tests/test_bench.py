@@ -1,0 +1,124 @@
+"""Each benchmark mode runs on a tiny configuration and ends with its one-line JSON report.
+
+ceiling and baseline run in this process; step and e2e as real torchrun jobs on 2 CPU ranks
+(gloo), as launcher/bench.sh starts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deepfm_dist.bench import compare
+
+REQUIRED = ("mode", "world_size", "samples_per_s", "samples_per_s_per_rank", "step_ms_p50", "step_ms_p90",
+            "data_wait_ms_per_step", "peak_rss_mb", "peak_rss_mb_per_rank")
+TINY = ["--data.num_embeddings=1000", "--model.embedding_dim=8", "--model.mlp=32,16", "--train.batch_size=256"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def last_json(text: str) -> dict:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])  # the very last line is the JSON object
+
+
+def check(result: dict, mode: str, world_size: int) -> None:
+    for key in REQUIRED:
+        assert key in result, key
+    assert result["mode"] == mode and result["world_size"] == world_size
+    assert result["samples_per_s"] > 0 and result["peak_rss_mb"] > 0
+    assert len(result["peak_rss_mb_per_rank"]) == world_size
+    with open(result["json"]) as f:
+        record = json.load(f)
+    assert record["versions"]["torch"] and record["hardware"]["cores"] and record["commit"]
+
+
+@pytest.mark.parametrize("mode", ["ceiling", "baseline"])
+def test_single_process_modes(mode, capsys, tmp_path):
+    from deepfm_dist.bench.__main__ import main
+
+    args = [mode, "--warmup", "2", "--steps", "3", "--threads", "1", "--out", str(tmp_path / "r.json"), *TINY]
+    if mode == "ceiling":
+        args.append("--proposed=onednn,fm")
+    assert main(args) == 0
+    check(last_json(capsys.readouterr().out), mode, 1)
+
+
+def torchrun(mode: str, *args: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "--local-ranks-filter=0", "-m", "deepfm_dist.bench", mode, "--warmup", "2", "--steps", "3", *TINY, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return last_json(proc.stdout)
+
+
+def test_step_on_two_ranks(tmp_path):
+    result = torchrun("step", "--out", str(tmp_path / "s.json"))
+    check(result, "step", 2)
+    # Memory accounting: each rank reports its shards and the bound of the memory target.
+    assert len(result["table_shards_mb_per_rank"]) == 2 and len(result["rss_bound_mb_per_rank"]) == 2
+    assert result["threads_per_rank"] == 1
+
+
+def test_e2e_on_two_ranks(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    result = torchrun("e2e", f"--data.train={data_dir}/train", f"--data.val={data_dir}/val",
+                      f"--run_dir={tmp_path / 'run'}", "--out", str(tmp_path / "e.json"))
+    check(result, "e2e", 2)
+    assert result["steps"] == 3
+
+
+def test_compare_ratios_and_targets():
+    results = {
+        "ceiling": {"samples_per_s": 80_000.0},
+        "baseline": {"samples_per_s": 30_000.0},
+        "step_1": {"samples_per_s": 40_000.0},
+        "step_2": {"samples_per_s": 70_000.0},
+        "e2e": {"samples_per_s": 66_000.0},
+        "memory": {"peak_rss_mb_per_rank": [3000.0, 2000.0], "rss_bound_mb_per_rank": [3200.0, 1900.0]},
+    }
+    r = compare.ratios(results, nproc=2, cores_1=1, cores_n=2)
+    assert r["e2e_vs_ceiling"] == pytest.approx(0.825)
+    assert r["e2e_vs_baseline"] == pytest.approx(2.2)
+    assert r["step_per_core_scaling"] == pytest.approx(0.875)
+    assert r["memory_within_bound"] is False
+    table, met = compare.targets_table(r)
+    assert met == {"e2e_vs_ceiling": True, "e2e_vs_baseline": True, "step_per_core_scaling": False, "memory": False}
+    assert "NO" in table
+
+
+def test_proposed_kernels_match_the_model_math():
+    """The prototypes behind --proposed compute what the model computes (values and gradients)."""
+    import copy
+
+    import torch
+
+    from deepfm_dist.bench.onednn import onednn_available, use_onednn_linears
+    from deepfm_dist.bench.proposed import fm_second_order as fm_fast
+    from deepfm_dist.model.deepfm import DeepTower
+    from deepfm_dist.model.fm import fm_second_order
+
+    torch.manual_seed(0)
+    fields = torch.randn(64, 7, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fm_fast, (fields,))
+    assert torch.allclose(fm_fast(fields), fm_second_order(fields))
+
+    tower = DeepTower(24, [16, 8], "relu", True, 0.0)
+    fast = copy.deepcopy(tower)
+    assert use_onednn_linears(fast) == (3 if onednn_available() else 0)
+    assert list(fast.state_dict()) == list(tower.state_dict())
+    x = torch.randn(32, 24)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = tower(xa), fast(xb)
+    assert torch.allclose(ya, yb, atol=1e-5)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+    for (name, p), q in zip(tower.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4), name
