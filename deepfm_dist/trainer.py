@@ -20,7 +20,7 @@ from deepfm_dist import checkpoint as ckpt
 
 from deepfm_dist.config import Config
 from deepfm_dist.data import ParquetLoader, resolve_parquet_paths
-from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, set_cpu_threads
+from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, pin_cpu_cores, set_cpu_threads
 from deepfm_dist.distributed.sharding import describe_plan, plan_report, save_plan, shard_model
 from deepfm_dist.loss import DeepFMTrain
 from deepfm_dist.metrics import global_auc_logloss
@@ -245,6 +245,9 @@ class Trainer:
         self.log = RankLogger(env)
         check_embedding_optimizer(cfg.optimizer, env.device.type)
         self.threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
+        self.cores = (
+            pin_cpu_cores(env.local_rank, env.local_world_size, self.threads) if self.threads and cfg.train.pin_cpus else []
+        )
         self.train_reader = make_reader(cfg, env, train_files, train=True)
         self.val_reader = make_reader(cfg, env, val_files, train=False)
         if len(self.train_reader) == 0:
@@ -255,6 +258,7 @@ class Trainer:
         self.log(
             f"deepfm-dist: world_size={env.world_size} backend={env.backend} device={env.device.type}"
             + (f" threads/rank={self.threads}" if self.threads else "")
+            + (" pinned to own cores" if self.cores else "")
         )
         self.log(
             f"data: train {self.train_reader.num_rows:,} rows in {len(train_files)} files "

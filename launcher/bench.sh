@@ -20,6 +20,7 @@ cd "$ROOT"
 bash launcher/setup.sh
 VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
+source "$ROOT/launcher/runtime_env.sh"  # malloc settings for every rank
 
 MODE="${1:-}"
 # e2e and compare read the default preset's synthetic Parquet set; make it once (as train.sh does).

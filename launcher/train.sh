@@ -15,6 +15,7 @@ cd "$ROOT"
 bash launcher/setup.sh
 VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
+source "$ROOT/launcher/runtime_env.sh"  # malloc settings for every rank
 
 if [[ -z "${NPROC:-}" ]]; then
   NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"

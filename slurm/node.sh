@@ -10,6 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${VENV:-$ROOT/.venv}"
+source "$ROOT/launcher/runtime_env.sh"  # malloc settings for every rank
 : "${HEAD_NODE:?HEAD_NODE must be set (slurm/train.sbatch sets it)}"
 : "${SLURM_NNODES:?not inside a Slurm allocation (SLURM_NNODES unset)}"
 : "${SLURM_JOB_ID:?not inside a Slurm allocation (SLURM_JOB_ID unset)}"

@@ -23,7 +23,7 @@ from torch import nn
 
 from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, config_line, parse, pick_single_device, set_threads, synthetic_batches
-from deepfm_dist.bench.onednn import use_onednn_linears
+from deepfm_dist.model.linear import use_onednn_linears
 from deepfm_dist.model.deepfm import DeepTower, DenseFields
 from deepfm_dist.model.fm import fm_second_order
 from deepfm_dist.optim import _dense_optimizer
@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="rows per step (default: train.batch_size)")
     parser.add_argument("--embedding-optimizer", choices=("adagrad", "sparse_adam"), default="adagrad",
                         help="optimizer of the sparse embedding gradients (default adagrad)")
-    args, cfg = parse(parser, list(argv or []), patch_model=False)
+    parser.add_argument("--linear-kernel", choices=("torch", "onednn"), default="torch",
+                        help="torch (default: plain nn.Linear, what a plain PyTorch model runs) or onednn "
+                             "(our model.linear_kernel, for information)")
+    args, cfg = parse(parser, list(argv or []))
     threads = set_threads(args.threads)
     batch = args.batch_size or cfg.train.batch_size
     torch.manual_seed(cfg.train.seed)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_single_device(cfg)
     model = PlainDeepFM(len(cfg.data.dense), sizes, cfg.model.embedding_dim, cfg.model.mlp, cfg.model.activation,
                         cfg.model.batch_norm, cfg.model.dropout, cfg.model.init_std).to(device)
-    if "onednn" in args.proposed:  # for information only: compare runs the baseline without it
+    if args.linear_kernel == "onednn":  # for information only: compare runs the plain nn.Linear
         use_onednn_linears(model)
     table_params = list(model.tables.parameters())
     dense_params = [p for n, p in model.named_parameters() if not n.startswith("tables.")]
@@ -98,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             wait_at_warmup = batches.wait_seconds
     numbers = report.rank_numbers(clock, batch, batches.wait_seconds - wait_at_warmup, device)
     summary = report.summarize([numbers], batch)
-    summary.update(threads=threads, batch_size=batch, embedding_optimizer=args.embedding_optimizer)
-    # Plain PyTorch: compare gives it only the environment-level proposals (malloc, OpenMP
-    # binding); --proposed onednn here swaps its Linear kernels too, for information.
+    summary.update(threads=threads, batch_size=batch, embedding_optimizer=args.embedding_optimizer,
+                   linear_kernel=args.linear_kernel)
     setup = [
         ("model", config_line(cfg) + f"; here: nn.EmbeddingBag(sparse=True) x {len(sizes)} + "
-                  f"torch.optim.{type(emb_opt).__name__}, dense {cfg.optimizer.dense}"),
+                  f"torch.optim.{type(emb_opt).__name__}, dense {cfg.optimizer.dense}, Linear: {args.linear_kernel}"),
         ("run", f"1 process x {threads} thread(s), {device.type}, batch {batch}, {args.warmup} warm-up + "
                 f"{args.steps} measured steps"),
     ]

@@ -18,7 +18,6 @@ import torch
 
 from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, parse, pick_single_device, set_threads
-from deepfm_dist.bench.onednn import use_onednn_linears
 from deepfm_dist.model.deepfm import DeepTower
 from deepfm_dist.optim import _dense_optimizer
 
@@ -30,16 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="rows per step (default: train.batch_size)")
     parser.add_argument("--no-input-grad", action="store_true",
                         help="treat the input as data (no gradient w.r.t. it: one matmul fewer than DeepFM's MLP)")
-    args, cfg = parse(parser, list(argv or []), patch_model=False)
+    args, cfg = parse(parser, list(argv or []))
     threads = set_threads(args.threads)
     batch = args.batch_size or cfg.train.batch_size
     fields = len(cfg.data.dense) + len(cfg.data.sparse)
     width = fields * cfg.model.embedding_dim
     torch.manual_seed(cfg.train.seed)
     device = pick_single_device(cfg)
-    tower = DeepTower(width, cfg.model.mlp, cfg.model.activation, cfg.model.batch_norm, cfg.model.dropout).to(device)
-    if "onednn" in args.proposed:
-        use_onednn_linears(tower)
+    tower = DeepTower(width, cfg.model.mlp, cfg.model.activation, cfg.model.batch_norm, cfg.model.dropout,
+                      cfg.model.linear_kernel).to(device)
     opt = _dense_optimizer(cfg.optimizer, tower.parameters())
     # In DeepFM the MLP's input is the embeddings, so its backward includes d(loss)/d(input)
     # (one more matmul than a leaf input needs); --no-input-grad leaves it out.
@@ -57,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         clock.tick()
     numbers = report.rank_numbers(clock, batch, 0.0, device)
     summary = report.summarize([numbers], batch)
-    summary.update(threads=threads, batch_size=batch, proposed=args.proposed, input_grad=not args.no_input_grad)
+    summary.update(threads=threads, batch_size=batch, linear_kernel=cfg.model.linear_kernel, input_grad=not args.no_input_grad)
     params = sum(p.numel() for p in tower.parameters())
     setup = [
         ("model", f"DeepTower {width}-{'-'.join(map(str, cfg.model.mlp))}-1"
                   f"{' +BN' if cfg.model.batch_norm else ''} {cfg.model.activation}, {params:,} parameters; "
-                  f"BCE loss; {cfg.optimizer.dense} step; proposed: {','.join(args.proposed) or 'none'}; gradient w.r.t. the input: "
+                  f"BCE loss; {cfg.optimizer.dense} step; linear kernel {cfg.model.linear_kernel}; gradient w.r.t. the input: "
                   f"{'no' if args.no_input_grad else 'yes (as in DeepFM)'}"),
         ("run", f"1 process x {threads} thread(s), {device.type}, batch {batch}, {args.warmup} warm-up + "
                 f"{args.steps} measured steps"),

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from deepfm_dist.bench import proposed
 from deepfm_dist.config import Config, ConfigError, load_config
 from deepfm_dist.data.batch import Batch
 
@@ -32,16 +31,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, warmup: int, steps: int)
     parser.add_argument("--tables", choices=TABLE_PRESETS, default="config",
                         help="table sizes: as configured (default: 26 x data.num_embeddings), or "
                              "kaggle (the 26 Criteo Kaggle cardinalities, 33.8M rows)")
-    parser.add_argument("--proposed", default="", metavar="A,B",
-                        help="measure the real path plus proposed changes (bench/proposed.py): "
-                             "onednn, pin, fm, malloc; default none")
     parser.add_argument("--out", help=f"JSON file to write (default: {os.path.join('runs', 'bench')}/MODE_wsN_TIME.json)")
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str], *, patch_model: bool = True,
-          ) -> tuple[argparse.Namespace, Config]:
-    """Benchmark options, then ``--config FILE`` / ``--section.key=value`` for the run's Config;
-    applies ``--proposed`` changes (to the Trainer's model builder too when ``patch_model``)."""
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Config]:
+    """Benchmark options, then ``--config FILE`` / ``--section.key=value`` for the run's Config."""
     args, rest = parser.parse_known_args(argv)
     overrides = list(BENCH_DEFAULTS)
     if args.tables == "kaggle":
@@ -50,8 +44,6 @@ def parse(parser: argparse.ArgumentParser, argv: list[str], *, patch_model: bool
         cfg = load_config(overrides + rest)
     except ConfigError as e:
         parser.error(f"{e} (benchmark options are listed above; config keys look like --section.key=value)")
-    args.proposed = proposed.parse_names(args.proposed)
-    args.applied = proposed.apply(args.proposed, patch_model)  # before any process group or thread pool exists
     return args, cfg
 
 
@@ -107,5 +99,5 @@ def config_line(cfg: Config) -> str:
     rows = sum(sizes)
     return (f"DeepFM: {len(cfg.data.dense)} dense + {len(cfg.data.sparse)} sparse fields, dim "
             f"{cfg.model.embedding_dim}, MLP {'-'.join(map(str, cfg.model.mlp))}"
-            f"{' +BN' if cfg.model.batch_norm else ''}, tables {rows:,} rows in all (largest {max(sizes):,}); "
+            f"{' +BN' if cfg.model.batch_norm else ''} (Linear: {cfg.model.linear_kernel}), tables {rows:,} rows in all (largest {max(sizes):,}); "
             f"optimizers: {cfg.optimizer.embedding} (tables), {cfg.optimizer.dense} (dense)")

@@ -8,8 +8,10 @@ every core; and ``ceiling_leaf``, the same without the gradient w.r.t. the MLP's
 information), ``baseline`` (plain PyTorch DeepFM, one process, every core, at the distributed
 run's global batch), ``step`` on 1 rank x 1 thread (CPU; one GPU when present) and on N ranks
 (default: 2 on CPU, every GPU), ``e2e`` on N ranks, and ``step --tables kaggle`` on N ranks
-(the memory target). ``--proposed`` measures the same with proposed changes applied. Config overrides go to
-every mode. Each measurement records how much CPU other processes used meanwhile
+(the memory target). Config overrides go to every mode (e.g. ``--model.linear_kernel=torch``
+measures the MKL Linear layers). Every run gets the launchers' malloc settings (``MALLOC_ENV``,
+unless the environment sets them), and the one-process runs bind their OpenMP threads to cores,
+the counterpart of ``train.pin_cpus`` for the ranks. Each measurement records how much CPU other processes used meanwhile
 (``other_load_cores``); one above ``--max-other-load`` is repeated (up to ``--retries``
 times) and the least disturbed attempt is kept. With ``--repeats R`` the whole sequence runs R
 times and each mode keeps its best run (others' load only ever slows a run down).
@@ -33,7 +35,7 @@ from typing import Any
 
 import torch
 
-from deepfm_dist.bench import proposed, report
+from deepfm_dist.bench import report
 
 TARGETS = {
     "e2e_vs_ceiling": 0.80,
@@ -82,7 +84,12 @@ def run_once(name: str, cmd: list[str], env: dict[str, str], log_dir: str) -> di
     return result
 
 
-_SHOWN_ENV = ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", *proposed.MALLOC_ENV)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
+"""glibc malloc keeps freed memory instead of unmapping it (as ``launcher/runtime_env.sh`` sets
+for every launcher): otherwise every step's multi-MB activations are fresh mmaps, ~2,000 page
+faults (~3.7 ms of kernel time) per step and rank. Measured: +8% per step, +4% on the ceiling."""
+OMP_BIND_ENV = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+_SHOWN_ENV = ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", *MALLOC_ENV)
 
 
 def measure(name: str, cmd: list[str], env: dict[str, str], log_dir: str, retries: int, max_other: float,
@@ -183,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="cores' worth of other processes' CPU that counts as disturbed (default 0.25)")
     parser.add_argument("--no-memory", action="store_true", help="skip the Kaggle-sized memory run")
     parser.add_argument("--quick", action="store_true", help="few steps (a smoke test, not a measurement)")
-    parser.add_argument("--proposed", default="", metavar="A,B",
-                        help="proposed changes (bench/proposed.py: onednn, pin, fm, malloc) applied to every "
-                             "run they concern; the baseline (plain PyTorch) only gets the environment ones")
     parser.add_argument("--out", help="JSON file to write (default runs/bench/compare_TIME.json)")
     args, overrides = parser.parse_known_args(argv)
     gpus = torch.cuda.device_count()
@@ -195,29 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = os.path.join(report.DEFAULT_OUT_DIR, f"compare_{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(log_dir, exist_ok=True)
     steps = (["--warmup", "2", "--steps", "3"] if args.quick else [])
-    names = proposed.parse_names(args.proposed)
-    model_side = [n for n in names if n in ("onednn", "pin", "fm")]
-    prop = ["--proposed", ",".join(model_side)] if model_side else []
-    base_env = dict(os.environ)
-    if "malloc" in names:
-        base_env.update(proposed.MALLOC_ENV)
-    one_process_env = dict(base_env, **(proposed.OMP_BIND_ENV if "pin" in names else {}))
+    base_env = {**MALLOC_ENV, **os.environ}
+    pinned = "--train.pin_cpus=false" not in overrides
+    one_process_env = dict(base_env, **(OMP_BIND_ENV if pinned else {}))
     per_rank_batch = _per_rank_batch(overrides)
 
     # name -> (mode, ranks, threads per rank, extra args)
     plan: list[tuple[str, str, int, int, list[str]]] = [
-        ("ceiling", "ceiling", 1, cores, prop),
-        ("ceiling_leaf", "ceiling", 1, cores, [*prop, "--no-input-grad"]),
+        ("ceiling", "ceiling", 1, cores, []),
+        ("ceiling_leaf", "ceiling", 1, cores, ["--no-input-grad"]),
         # Plain PyTorch at the distributed run's global batch (the same samples per update;
         # faster per sample than its per-rank batch, so the ratio is not flattered).
         ("baseline", "baseline", 1, cores, ["--batch-size", str(per_rank_batch * nproc)]),
-        ("step_1", "step", 1, 1 if not gpus else cores, [*prop, *([] if gpus else ["--train.threads=1"])]),
-        (f"step_{nproc}", "step", nproc, cpu_threads_n, prop),
-        ("e2e", "e2e", nproc, cpu_threads_n, prop),
+        ("step_1", "step", 1, 1 if not gpus else cores, [] if gpus else ["--train.threads=1"]),
+        (f"step_{nproc}", "step", nproc, cpu_threads_n, []),
+        ("e2e", "e2e", nproc, cpu_threads_n, []),
     ]
     if not args.no_memory:
         plan.append(("memory", "step", nproc, cpu_threads_n,
-                     [*prop, "--tables", "kaggle", "--warmup", "3", "--steps", "10"]))
+                     ["--tables", "kaggle", "--warmup", "3", "--steps", "10"]))
     print(f"bench compare: {nproc} ranks for the distributed runs, {cores} cores, {gpus} GPUs; logs in {log_dir}",
           flush=True)
     results: dict[str, dict[str, Any]] = {}
@@ -246,14 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"versions   {', '.join(f'{k} {v}' for k, v in ver.items())}")
     print(f"commit     {commit}")
     print(f"overrides  {' '.join(overrides) or '(none: the embedded default config)'}")
-    print(f"proposed   {','.join(names) or '(none: the code as it is)'}")
     print()
     print(runs_table(results))
     print()
     print(table)
     path = args.out or os.path.join(log_dir, "compare.json")
     record = {"mode": "compare", "world_size": nproc, "hardware": hw, "versions": ver, "commit": commit,
-              "overrides": overrides, "proposed": names, "results": results, "ratios": rat, "targets_met": met,
+              "overrides": overrides, "results": results, "ratios": rat, "targets_met": met,
               "command": " ".join(sys.argv)}
     with open(path, "w") as f:
         json.dump(record, f, indent=1, default=str)

@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             summary["threads_per_rank"] = threads
             summary["batch_size_per_rank"] = cfg.train.batch_size
             summary["pipeline"] = cfg.train.pipeline
-            summary["proposed"] = args.proposed
+            summary["pin_cpus"] = cfg.train.pin_cpus
             setup = [
                 ("model", config_line(cfg)),
                 ("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, "
                         f"{env.device.type}; batch {cfg.train.batch_size}/rank; "
-                        f"{'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; proposed: {','.join(args.proposed) or 'none'}; "
+                        f"{'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; pinned: {cfg.train.pin_cpus}; "
                         f"{args.warmup} warm-up + {args.steps} measured steps"),
                 ("data", f"{len(train_files)} Parquet files, {num_rows:,} rows "
                          f"({', '.join(cfg.data.train)}); workers {cfg.data.num_workers}, prefetch "

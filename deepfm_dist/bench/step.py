@@ -27,7 +27,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, config_line, parse, synthetic_batches
-from deepfm_dist.distributed.env import destroy, init_distributed, set_cpu_threads
+from deepfm_dist.distributed.env import destroy, init_distributed, pin_cpu_cores, set_cpu_threads
 from deepfm_dist.distributed.sharding import describe_plan, plan_report, shard_model
 from deepfm_dist.model import table_name
 from deepfm_dist.model.build import table_names
@@ -98,8 +98,10 @@ def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int |
     so it is gone before the caller destroys the group (see trainer.train).
     """
     threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
+    if threads and cfg.train.pin_cpus:
+        pin_cpu_cores(env.local_rank, env.local_world_size, threads)  # as the Trainer does
     rss_before_model = report.current_rss_mb()
-    model, plan = shard_model(trainer.build_model(cfg), cfg, env)  # as patched by --proposed
+    model, plan = shard_model(trainer.build_model(cfg), cfg, env)
     opts = build_optimizers(model, cfg.optimizer, cfg.train.grad_clip)
     placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
     memory = memory_breakdown(model, opts)
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["threads_per_rank"] = threads
             summary["batch_size_per_rank"] = cfg.train.batch_size
             summary["pipeline"] = cfg.train.pipeline
-            summary["proposed"] = args.proposed
+            summary["pin_cpus"] = cfg.train.pin_cpus
             summary["table_shards_mb_per_rank"] = [round(r["table_shards_mb"] + r["table_optimizer_state_mb"], 1)
                                                    for r in per_rank]
             summary["rss_bound_mb_per_rank"] = [round(r["rss_bound_mb"], 1) for r in per_rank]
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("model", config_line(cfg)),
                 ("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, {env.device.type}; "
                         f"batch {cfg.train.batch_size}/rank; {'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; "
-                        f"proposed: {','.join(args.proposed) or 'none'}; "
+                        f"pinned: {cfg.train.pin_cpus}; "
                         f"{args.warmup} warm-up + {args.steps} measured steps on {DISTINCT_BATCHES} pre-built batches"),
                 ("sharding", f"type={cfg.sharding.type}; "
                              + "; ".join(sorted({f'{p.sharding_type}/{p.compute_kernel}' for p in placements}))),

@@ -598,6 +598,12 @@ class _WorkerDataset(IterableDataset):
             yield worker, skip + j, batch, events
 
 
+def _worker_init(_: int) -> None:
+    from deepfm_dist.distributed.env import unpin_cpu_cores  # train.pin_cpus pinned the rank, not its workers
+
+    unpin_cpu_cores()
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -755,7 +761,7 @@ class ParquetLoader:
         else:
             stream = iter(DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                pin_memory=self.pin_memory, persistent_workers=False,
+                pin_memory=self.pin_memory, persistent_workers=False, worker_init_fn=_worker_init,
                 # fork: workers start in milliseconds (spawn re-imports torch and torchrec,
                 # seconds each); they never touch CUDA or the process group.
                 multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,

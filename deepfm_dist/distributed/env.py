@@ -98,9 +98,41 @@ def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistEnv:
 def set_cpu_threads(requested: int, local_world_size: int) -> int:
     """Intra-op threads per rank: ranks x threads must not exceed the cores (oversubscription
     more than halves throughput on CPU)."""
-    threads = requested or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    threads = requested or max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
     torch.set_num_threads(threads)
     return threads
+
+
+_UNPINNED: set[int] | None = None  # the cores this process could use before pin_cpu_cores
+
+
+def unpin_cpu_cores() -> None:
+    """Give a forked helper process (a loader worker) back every core the rank had before it
+    was pinned: workers exist to use spare cores, not to compete with their rank's own."""
+    if _UNPINNED:
+        os.sched_setaffinity(0, _UNPINNED)
+
+
+def pin_cpu_cores(local_rank: int, local_world_size: int, threads: int) -> list[int]:
+    """Pin this rank (every thread it has, and so every thread it will create) to its own cores:
+    local rank r with t threads gets the r-th t of the cores this process may use. Returns the
+    cores, or [] (nothing pinned) when the ranks' threads would not fit on separate cores.
+
+    Why: a CPU rank also runs gloo's threads and the loader; left free to migrate, they run on
+    the other rank's core and delay it, and then both wait in the next collective.
+    """
+    global _UNPINNED
+    cores = sorted(os.sched_getaffinity(0))
+    if local_world_size * threads > len(cores):
+        return []
+    _UNPINNED = set(cores)
+    mine = set(cores[local_rank * threads : (local_rank + 1) * threads])
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), mine)
+        except OSError:
+            pass  # a thread that has just ended
+    return sorted(mine)
 
 
 def broadcast_result(env: DistEnv, value: object) -> object:

@@ -24,6 +24,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.constants import MIN_CW_DIM
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
@@ -99,10 +100,16 @@ def table_constraints(cfg: Config) -> dict[str, ParameterConstraints]:
     ``auto`` lets the planner choose among the model-parallel types with the fused kernel, so
     that every table is updated by the configured fused optimizer; data_parallel must be asked
     for explicitly (its tables are then updated by the dense optimizer, replicated on every rank).
+    Column-wise types are left out of ``auto`` for tables narrower than two column shards
+    (2 x 128 columns, TorchRec's smallest column shard): such a table gets one column shard,
+    the placement of table-wise plus a permute and a second output all-to-all, yet the CPU
+    planner often picks it (measured: table-wise is 5% faster per step, Criteo shape, 2 ranks).
     """
     out = {}
+    width = table_dim(cfg.model.embedding_dim)
+    auto_types = [t for t in MODEL_PARALLEL_TYPES if "column" not in t or width >= 2 * MIN_CW_DIM]
     for table, (kind, _) in table_kinds(cfg).items():
-        types = MODEL_PARALLEL_TYPES if kind == "auto" else [kind]
+        types = auto_types if kind == "auto" else [kind]
         kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
         out[table_name(table)] = ParameterConstraints(sharding_types=types, compute_kernels=[kernel.value])
     return out

@@ -20,6 +20,7 @@ def build_deepfm(cfg: Config, table_device: torch.device | str = "meta") -> Deep
         batch_norm=cfg.model.batch_norm,
         dropout=cfg.model.dropout,
         init_std=cfg.model.init_std,
+        linear_kernel=cfg.model.linear_kernel,
         table_device=table_device,
     )
 

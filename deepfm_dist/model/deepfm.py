@@ -22,6 +22,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from deepfm_dist.data.schema import FeatureSpec
 from deepfm_dist.model.fm import fm_second_order
+from deepfm_dist.model.linear import linear_class
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -44,22 +45,29 @@ def one_hot_features(names: list[str], sizes: dict[str, int]) -> list[FeatureSpe
 class DeepTower(nn.Module):
     """MLP: [Linear -> BatchNorm? -> activation -> Dropout?] per width, then Linear(., 1).
 
+    ``linear_kernel`` picks the Linear implementation (``model.linear_kernel``; the parameters
+    and state-dict keys are those of nn.Linear either way).
+
     Args shapes: x [B, F*D] -> [B].
     """
 
-    def __init__(self, in_features: int, widths: list[int], activation: str, batch_norm: bool, dropout: float):
+    def __init__(
+        self, in_features: int, widths: list[int], activation: str, batch_norm: bool, dropout: float,
+        linear_kernel: str = "auto",
+    ):
         super().__init__()
+        linear = linear_class(linear_kernel)
         layers: list[nn.Module] = []
         prev = in_features
         for width in widths:
-            layers.append(nn.Linear(prev, width))
+            layers.append(linear(prev, width))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(width))
             layers.append(_ACTIVATIONS[activation]())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             prev = width
-        layers.append(nn.Linear(prev, 1))
+        layers.append(linear(prev, 1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +165,7 @@ class DeepFM(nn.Module):
         num_dense: Nd, number of dense columns (may be 0).
         embedding_dim: D.
         mlp: hidden widths of the deep tower.
+        linear_kernel: the MLP's Linear implementation (``model.linear_kernel``).
         table_device: where the tables are created; ``meta`` lets DMP materialise only the
             shards each rank owns.
     Shapes: forward(dense [B, Nd], sparse KJT with B rows, weighted KJT or None) -> logits [B].
@@ -173,6 +182,7 @@ class DeepFM(nn.Module):
         batch_norm: bool = True,
         dropout: float = 0.0,
         init_std: float = 0.01,
+        linear_kernel: str = "auto",
         table_device: torch.device | str = "meta",
     ):
         super().__init__()
@@ -180,7 +190,7 @@ class DeepFM(nn.Module):
         # Dense modules are built before the tables so that the RNG stream (seeded by the
         # caller) gives them the same values whether the tables are on `meta` or not.
         self.dense_fields = DenseFields(num_dense, embedding_dim, init_std) if num_dense else None
-        self.deep = DeepTower(num_fields * embedding_dim, mlp, activation, batch_norm, dropout)
+        self.deep = DeepTower(num_fields * embedding_dim, mlp, activation, batch_norm, dropout, linear_kernel)
         self.bias = nn.Parameter(torch.zeros(1))
         self.sparse_fields = SparseFields(features, embedding_dim, torch.device(table_device))
 
