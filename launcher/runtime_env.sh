@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launchers (train.sh, bench.sh, slurm/node.sh): process-level settings every
 # rank should start with. Values already in the environment win.
 #
