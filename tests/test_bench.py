@@ -44,7 +44,7 @@ def test_single_process_modes(mode, capsys, tmp_path):
 
     args = [mode, "--warmup", "2", "--steps", "3", "--threads", "1", "--out", str(tmp_path / "r.json"), *TINY]
     if mode == "baseline":
-        args.append("--linear-kernel=onednn")
+        args.append("--kernels=ours")
     assert main(args) == 0
     check(last_json(capsys.readouterr().out), mode, 1)
 

@@ -7,8 +7,11 @@ TorchRec. The ``e2e`` target is a multiple of this.
 One ``nn.EmbeddingBag(rows, D + 1, mode="sum", sparse=True)`` per sparse column (D vector
 columns + the first-order weight, as in our table rows minus the padding), updated by
 ``torch.optim.Adagrad`` on the sparse gradients (``SparseAdam`` with
-``--embedding-optimizer sparse_adam``); the dense part is our own (``DenseFields``,
-``fm_second_order``, ``DeepTower``: the same math) with the configured dense optimizer. One
+``--embedding-optimizer sparse_adam``); the dense part has the same math as ours (``DenseFields``,
+the FM term, ``DeepTower``) with the configured dense optimizer. ``--kernels plain`` (default)
+runs it as plain PyTorch would: ``nn.Linear`` and the FM identity through autograd.
+``--kernels ours`` gives it our oneDNN Linear layers and analytic FM backward, for
+information (how much of our lead is kernels rather than TorchRec and sharding). One
 process, every core, the same Criteo-shaped batches as ``step``; ``--batch-size`` defaults to
 ``train.batch_size``.
 """
@@ -23,21 +26,28 @@ from torch import nn
 
 from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, config_line, parse, pick_single_device, set_threads, synthetic_batches
-from deepfm_dist.model.linear import use_onednn_linears
 from deepfm_dist.model.deepfm import DeepTower, DenseFields
 from deepfm_dist.model.fm import fm_second_order
 from deepfm_dist.optim import _dense_optimizer
+
+
+def autograd_fm(fields: torch.Tensor) -> torch.Tensor:
+    """The FM term as plain PyTorch code writes it (sum-of-squares identity, autograd backward).
+    fields [B, F, D] -> [B]."""
+    return 0.5 * (fields.sum(dim=1).pow(2) - fields.pow(2).sum(dim=1)).sum(dim=1)
 
 
 class PlainDeepFM(nn.Module):
     """DeepFM with one plain ``nn.EmbeddingBag`` per column. forward(dense [B, Nd], ids [Ns, B]) -> logits [B]."""
 
     def __init__(self, num_dense: int, table_sizes: list[int], dim: int, mlp: list[int], activation: str,
-                 batch_norm: bool, dropout: float, init_std: float):
+                 batch_norm: bool, dropout: float, init_std: float, kernels: str = "plain"):
         super().__init__()
         self.dim = dim
+        self.fm = autograd_fm if kernels == "plain" else fm_second_order
         self.dense_fields = DenseFields(num_dense, dim, init_std)
-        self.deep = DeepTower((num_dense + len(table_sizes)) * dim, mlp, activation, batch_norm, dropout)
+        self.deep = DeepTower((num_dense + len(table_sizes)) * dim, mlp, activation, batch_norm, dropout,
+                              linear_kernel="torch" if kernels == "plain" else "auto")
         self.bias = nn.Parameter(torch.zeros(1))
         self.tables = nn.ModuleList(nn.EmbeddingBag(n, dim + 1, mode="sum", sparse=True) for n in table_sizes)
         with torch.no_grad():
@@ -50,7 +60,7 @@ class PlainDeepFM(nn.Module):
         dense_vectors, dense_first = self.dense_fields(dense)
         fields = torch.cat([dense_vectors, rows[:, :, : self.dim]], dim=1)  # [B, F, D]
         first_order = rows[:, :, self.dim].sum(dim=1) + dense_first
-        return self.bias + first_order + fm_second_order(fields) + self.deep(fields.flatten(1))
+        return self.bias + first_order + self.fm(fields) + self.deep(fields.flatten(1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="rows per step (default: train.batch_size)")
     parser.add_argument("--embedding-optimizer", choices=("adagrad", "sparse_adam"), default="adagrad",
                         help="optimizer of the sparse embedding gradients (default adagrad)")
-    parser.add_argument("--linear-kernel", choices=("torch", "onednn"), default="torch",
-                        help="torch (default: plain nn.Linear, what a plain PyTorch model runs) or onednn "
-                             "(our model.linear_kernel, for information)")
+    parser.add_argument("--kernels", choices=("plain", "ours"), default="plain",
+                        help="plain (default: nn.Linear and an autograd FM, as plain PyTorch code) or ours "
+                             "(oneDNN Linear and the analytic FM backward of deepfm_dist.model, for information)")
     args, cfg = parse(parser, list(argv or []))
     threads = set_threads(args.threads)
     batch = args.batch_size or cfg.train.batch_size
@@ -70,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = list(cfg.data.table_sizes().values())
     device = pick_single_device(cfg)
     model = PlainDeepFM(len(cfg.data.dense), sizes, cfg.model.embedding_dim, cfg.model.mlp, cfg.model.activation,
-                        cfg.model.batch_norm, cfg.model.dropout, cfg.model.init_std).to(device)
-    if args.linear_kernel == "onednn":  # for information only: compare runs the plain nn.Linear
-        use_onednn_linears(model)
+                        cfg.model.batch_norm, cfg.model.dropout, cfg.model.init_std, args.kernels).to(device)
     table_params = list(model.tables.parameters())
     dense_params = [p for n, p in model.named_parameters() if not n.startswith("tables.")]
     if args.embedding_optimizer == "adagrad":
@@ -102,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     numbers = report.rank_numbers(clock, batch, batches.wait_seconds - wait_at_warmup, device)
     summary = report.summarize([numbers], batch)
     summary.update(threads=threads, batch_size=batch, embedding_optimizer=args.embedding_optimizer,
-                   linear_kernel=args.linear_kernel)
+                   kernels=args.kernels)
     setup = [
         ("model", config_line(cfg) + f"; here: nn.EmbeddingBag(sparse=True) x {len(sizes)} + "
-                  f"torch.optim.{type(emb_opt).__name__}, dense {cfg.optimizer.dense}, Linear: {args.linear_kernel}"),
+                  f"torch.optim.{type(emb_opt).__name__}, dense {cfg.optimizer.dense}, kernels: {args.kernels}"),
         ("run", f"1 process x {threads} thread(s), {device.type}, batch {batch}, {args.warmup} warm-up + "
                 f"{args.steps} measured steps"),
     ]

@@ -122,6 +122,9 @@ def ratios(results: dict[str, dict[str, Any]], nproc: int, cores_1: int, cores_n
         out["e2e_vs_baseline"] = e2e["samples_per_s"] / baseline["samples_per_s"]
     if stepn and ceiling:
         out["step_vs_ceiling"] = stepn["samples_per_s"] / ceiling["samples_per_s"]
+    ours = results.get("baseline_ours")
+    if e2e and ours:
+        out["e2e_vs_baseline_with_our_kernels"] = e2e["samples_per_s"] / ours["samples_per_s"]
     leaf = results.get("ceiling_leaf")
     if e2e and leaf:
         out["e2e_vs_ceiling_without_input_grad"] = e2e["samples_per_s"] / leaf["samples_per_s"]
@@ -156,7 +159,8 @@ def targets_table(r: dict[str, Any]) -> tuple[str, dict[str, bool]]:
             lines.append(f"{f'memory, kaggle tables: rank {i} peak RSS / bound (MB)':<52} {p:>10,.0f} "
                          f"{'<= ' + format(b, ',.0f'):>8}  {'yes' if p <= b else 'NO'}")
     for key, label in (("step_vs_ceiling", "(info) step / ceiling"), ("e2e_vs_step", "(info) e2e / step"),
-                       ("e2e_vs_ceiling_without_input_grad", "(info) e2e / ceiling without d/d(input)")):
+                       ("e2e_vs_ceiling_without_input_grad", "(info) e2e / ceiling without d/d(input)"),
+                       ("e2e_vs_baseline_with_our_kernels", "(info) e2e / baseline with our kernels")):
         if key in r:
             lines.append(f"{label:<52} {r[key]:>10.2f}")
     return "\n".join(lines), met
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         # Plain PyTorch at the distributed run's global batch (the same samples per update;
         # faster per sample than its per-rank batch, so the ratio is not flattered).
         ("baseline", "baseline", 1, cores, ["--batch-size", str(per_rank_batch * nproc)]),
+        # For information: the same plain model with our Linear and FM kernels.
+        ("baseline_ours", "baseline", 1, cores, ["--batch-size", str(per_rank_batch * nproc), "--kernels", "ours"]),
         ("step_1", "step", 1, 1 if not gpus else cores, [] if gpus else ["--train.threads=1"]),
         (f"step_{nproc}", "step", nproc, cpu_threads_n, []),
         ("e2e", "e2e", nproc, cpu_threads_n, []),

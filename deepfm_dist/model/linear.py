@@ -13,8 +13,8 @@ Measured on the 2-core dev machine (benchmarks/cpu-2core_202611.md): +70% on the
 +54% on a 2-rank training step. On CUDA tensors (and other dtypes or shapes) the layer is a
 plain ``nn.Linear``: one code path, the kernel chosen by where the tensors live.
 
-``linear_class(kernel)`` is what ``DeepTower`` builds its layers with; ``use_onednn_linears(module)`` swaps every ``nn.Linear`` of a module for a ``OneDNNLinear``
-holding the same parameters (state dict keys unchanged), in place.
+``linear_class(kernel)`` is what ``DeepTower`` builds its layers with; a ``OneDNNLinear`` has
+the parameters and state-dict keys of ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -71,16 +71,3 @@ def linear_class(kernel: str) -> type[nn.Linear]:
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"linear kernel {kernel!r}: expected one of {', '.join(LINEAR_KERNELS)}")
     return OneDNNLinear if kernel != "torch" and onednn_available() else nn.Linear
-
-
-def use_onednn_linears(module: nn.Module) -> int:
-    """Turn every ``nn.Linear`` in ``module`` into a ``OneDNNLinear`` (same parameters); returns
-    how many. A no-op where PyTorch was built without oneDNN."""
-    if not onednn_available():
-        return 0
-    count = 0
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = OneDNNLinear
-            count += 1
-    return count
