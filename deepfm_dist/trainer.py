@@ -92,9 +92,10 @@ def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") ->
 def sync_dense_buffers(model: nn.Module, env: DistEnv) -> None:
     """Give every rank rank 0's BatchNorm running statistics.
 
-    DDP broadcasts buffers at the start of each training forward, after which every rank
-    updates them with its own batch: after the last step the ranks disagree slightly. The
-    checkpoint holds rank 0's; evaluating with them everywhere scores exactly the saved model.
+    TorchRec wraps the dense part in DDP with ``broadcast_buffers=False``, so every rank
+    updates its running statistics with its own batches only and the ranks disagree. DCP saves
+    one copy of a replicated tensor from whichever rank it picks: broadcasting rank 0's before
+    every checkpoint and evaluation makes the checkpoint, the resume and the scores agree.
     """
     if env.world_size == 1:
         return
