@@ -21,42 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
+from deepfm_dist.bench import report
 from deepfm_dist.config import DataConfig
 from deepfm_dist.data import ParquetLoader, generate, resolve_parquet_paths
 
 DEFAULT_DATA = "data/generated/bench_loader"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__), timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=5)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "n/a"
-    except (OSError, subprocess.SubprocessError):
-        return "n/a"
 
 
 def _data_files(data: str | None, rows: int, row_group_size: int) -> tuple[str, str]:
@@ -185,10 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio = loader_rate / raw_rate
 
     rows = [
-        ("hardware", f"{_cpu_name()}, {os.cpu_count()} cores ({platform.machine()})"),
-        ("versions", f"python {platform.python_version()}, pyarrow {pa.__version__}, "
-                     f"numpy {np.__version__}, torch {torch.__version__}"),
-        ("commit", _commit()),
+        ("hardware", report.hardware_line(report.hardware())),
+        ("versions", ", ".join(f"{k} {v}" for k, v in report.versions().items())),
+        ("commit", report.git_commit()),
         ("data", f"{len(files)} files, {loader.num_rows:,} rows, row groups of {rg_rows:,}, "
                  f"columns: label + {len(cfg.dense)} dense + {len(cfg.sparse)} sparse (Criteo schema)"),
         ("loader config", f"batch {args.batch_size}, workers {args.workers}, prefetch {args.prefetch}, "

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,21 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfm_dist.sysinfo import cpu_name, git_commit
+
 DEFAULT_OUT_DIR = "runs/bench"
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def hardware() -> dict[str, Any]:
@@ -69,21 +59,6 @@ def versions() -> dict[str, str]:
             out[name] = "n/a"
     out["blas"] = "mkl" if torch.backends.mkl.is_available() else "other"
     return out
-
-
-def git_commit() -> str:
-    """Short commit of the working tree, ``+dirty`` when tracked files differ from it."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=here, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=here, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return "n/a"
-    if head.returncode != 0:
-        return "n/a"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 # --------------------------------------------------------------------------- measuring

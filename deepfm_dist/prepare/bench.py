@@ -19,37 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
+from deepfm_dist.sysinfo import cpu_name, git_commit
+
 # Only the standard library here, and the TSV is generated in a subprocess: peak RSS is
 # measured inside the converter process (getrusage SELF, and CHILDREN for its workers),
 # and a forked child starts with its parent's resident size, which getrusage keeps.
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _ensure_tsv(path: str, size_bytes: int, seed: int) -> tuple[int, float]:
@@ -150,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "compression": a.compression,
         "chunk_mb": a.chunk_mb,
         "generate_seconds": round(gen_s, 1),
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cpus_available": len(os.sched_getaffinity(0)),
-        "commit": _commit(),
+        "commit": git_commit(),
     }
     rows_table = [
         ("TSV", f"{size / 1e9:.2f} GB, {rows:,} rows"),
