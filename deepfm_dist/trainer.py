@@ -20,7 +20,7 @@ from deepfm_dist import checkpoint as ckpt
 
 from deepfm_dist.config import Config
 from deepfm_dist.data import ParquetLoader, resolve_parquet_paths
-from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, pin_cpu_cores, set_cpu_threads
+from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, setup_cpu_rank
 from deepfm_dist.distributed.sharding import describe_plan, plan_report, save_plan, shard_model
 from deepfm_dist.loss import DeepFMTrain
 from deepfm_dist.metrics import global_auc_logloss
@@ -245,10 +245,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.log = RankLogger(env)
         check_embedding_optimizer(cfg.optimizer, env.device.type)
-        self.threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
-        self.cores = (
-            pin_cpu_cores(env.local_rank, env.local_world_size, self.threads) if self.threads and cfg.train.pin_cpus else []
-        )
+        self.threads, self.cores = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)
         self.train_reader = make_reader(cfg, env, train_files, train=True)
         self.val_reader = make_reader(cfg, env, val_files, train=False)
         if len(self.train_reader) == 0:

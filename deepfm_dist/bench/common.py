@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
+from deepfm_dist.bench import report
 from deepfm_dist.config import Config, ConfigError, load_config
 from deepfm_dist.data.batch import Batch
 
@@ -92,6 +94,26 @@ def synthetic_batches(cfg: Config, count: int, batch_size: int, seed: int) -> li
             labels=torch.from_numpy((rng.random(batch_size) < 0.25).astype(np.float32)),
         ))
     return out
+
+
+def distributed_summary(per_rank: list[dict[str, Any]], cfg: Config, threads: int | None) -> dict[str, Any]:
+    """``report.summarize`` plus the run settings a step/e2e JSON carries."""
+    summary = report.summarize(per_rank, cfg.train.batch_size)
+    summary.update(threads_per_rank=threads, batch_size_per_rank=cfg.train.batch_size,
+                   pipeline=cfg.train.pipeline, pin_cpus=cfg.train.pin_cpus)
+    return summary
+
+
+def run_line(env, cfg: Config, threads: int | None, warmup: int, steps: int) -> str:
+    """The ``run`` line of a step/e2e report."""
+    return (f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, {env.device.type}; "
+            f"batch {cfg.train.batch_size}/rank; {'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; "
+            f"pinned: {cfg.train.pin_cpus}; {warmup} warm-up + {steps} measured steps")
+
+
+def sharding_line(cfg: Config, placements) -> str:
+    """The ``sharding`` line of a step/e2e report: the configured type and what the plan chose."""
+    return f"type={cfg.sharding.type}; " + "; ".join(sorted({f"{p.sharding_type}/{p.compute_kernel}" for p in placements}))
 
 
 def config_line(cfg: Config) -> str:

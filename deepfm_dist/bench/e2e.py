@@ -18,7 +18,7 @@ import argparse
 import gc
 
 from deepfm_dist.bench import report
-from deepfm_dist.bench.common import add_common_args, config_line, parse
+from deepfm_dist.bench.common import add_common_args, config_line, distributed_summary, parse, run_line, sharding_line
 from deepfm_dist.data import resolve_parquet_paths
 from deepfm_dist.distributed.env import destroy, init_distributed
 from deepfm_dist.trainer import Trainer, quiet_library_noise
@@ -70,22 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         del trainer
         gc.collect()
         if env.is_main:
-            summary = report.summarize(per_rank, cfg.train.batch_size)
-            summary["threads_per_rank"] = threads
-            summary["batch_size_per_rank"] = cfg.train.batch_size
-            summary["pipeline"] = cfg.train.pipeline
-            summary["pin_cpus"] = cfg.train.pin_cpus
+            summary = distributed_summary(per_rank, cfg, threads)
             setup = [
                 ("model", config_line(cfg)),
-                ("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, "
-                        f"{env.device.type}; batch {cfg.train.batch_size}/rank; "
-                        f"{'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; pinned: {cfg.train.pin_cpus}; "
-                        f"{args.warmup} warm-up + {args.steps} measured steps"),
+                ("run", run_line(env, cfg, threads, args.warmup, args.steps)),
                 ("data", f"{len(train_files)} Parquet files, {num_rows:,} rows "
                          f"({', '.join(cfg.data.train)}); workers {cfg.data.num_workers}, prefetch "
                          f"{cfg.data.prefetch}, shuffle {cfg.data.shuffle}"),
-                ("sharding", f"type={cfg.sharding.type}; "
-                             + "; ".join(sorted({f'{p.sharding_type}/{p.compute_kernel}' for p in placements}))),
+                ("sharding", sharding_line(cfg, placements)),
             ]
             report.emit("e2e", env.world_size, summary=summary, per_rank=per_rank, setup=setup,
                         config=cfg.to_dict(), out=args.out)

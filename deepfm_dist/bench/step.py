@@ -26,8 +26,10 @@ from torch.distributed.tensor import DTensor
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from deepfm_dist.bench import report
-from deepfm_dist.bench.common import add_common_args, config_line, parse, synthetic_batches
-from deepfm_dist.distributed.env import destroy, init_distributed, pin_cpu_cores, set_cpu_threads
+from deepfm_dist.bench.common import (
+    add_common_args, config_line, distributed_summary, parse, run_line, sharding_line, synthetic_batches,
+)
+from deepfm_dist.distributed.env import destroy, init_distributed, setup_cpu_rank
 from deepfm_dist.distributed.sharding import describe_plan, plan_report, shard_model
 from deepfm_dist.model import table_name
 from deepfm_dist.model.build import table_names
@@ -97,9 +99,7 @@ def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int |
     Everything that holds the process group (model, pipeline, optimizers) lives only in here,
     so it is gone before the caller destroys the group (see trainer.train).
     """
-    threads = set_cpu_threads(cfg.train.threads, env.local_world_size) if env.device.type == "cpu" else None
-    if threads and cfg.train.pin_cpus:
-        pin_cpu_cores(env.local_rank, env.local_world_size, threads)  # as the Trainer does
+    threads, _ = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)  # as the Trainer does
     rss_before_model = report.current_rss_mb()
     model, plan = shard_model(trainer.build_model(cfg), cfg, env)
     opts = build_optimizers(model, cfg.optimizer, cfg.train.grad_clip)
@@ -153,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         per_rank, placements, threads = measure(args, cfg, env)
         gc.collect()  # the model's last references: gloo joins its threads before destroy()
         if env.is_main:
-            summary = report.summarize(per_rank, cfg.train.batch_size)
-            summary["threads_per_rank"] = threads
-            summary["batch_size_per_rank"] = cfg.train.batch_size
-            summary["pipeline"] = cfg.train.pipeline
-            summary["pin_cpus"] = cfg.train.pin_cpus
+            summary = distributed_summary(per_rank, cfg, threads)
             summary["table_shards_mb_per_rank"] = [round(r["table_shards_mb"] + r["table_optimizer_state_mb"], 1)
                                                    for r in per_rank]
             summary["rss_bound_mb_per_rank"] = [round(r["rss_bound_mb"], 1) for r in per_rank]
@@ -171,12 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             setup = [
                 ("model", config_line(cfg)),
-                ("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, {env.device.type}; "
-                        f"batch {cfg.train.batch_size}/rank; {'TrainPipelineSparseDist' if cfg.train.pipeline else 'plain loop'}; "
-                        f"pinned: {cfg.train.pin_cpus}; "
-                        f"{args.warmup} warm-up + {args.steps} measured steps on {DISTINCT_BATCHES} pre-built batches"),
-                ("sharding", f"type={cfg.sharding.type}; "
-                             + "; ".join(sorted({f'{p.sharding_type}/{p.compute_kernel}' for p in placements}))),
+                ("run", run_line(env, cfg, threads, args.warmup, args.steps) + f" on {DISTINCT_BATCHES} pre-built batches"),
+                ("sharding", sharding_line(cfg, placements)),
             ]
             table = report.rank_table(per_rank, summary) + "\n\n" + plan_report(placements) + "\n\n" + mem_lines
             report.emit("step", env.world_size, summary=summary, per_rank=per_rank, setup=setup,

@@ -135,6 +135,15 @@ def pin_cpu_cores(local_rank: int, local_world_size: int, threads: int) -> list[
     return sorted(mine)
 
 
+def setup_cpu_rank(env: DistEnv, requested_threads: int, pin: bool) -> tuple[int | None, list[int]]:
+    """A CPU rank's intra-op threads (``set_cpu_threads``) and, with ``pin``, its own cores
+    (``pin_cpu_cores``); returns (threads, pinned cores), or (None, []) on a GPU rank."""
+    if env.device.type != "cpu":
+        return None, []
+    threads = set_cpu_threads(requested_threads, env.local_world_size)
+    return threads, (pin_cpu_cores(env.local_rank, env.local_world_size, threads) if pin else [])
+
+
 def broadcast_result(env: DistEnv, value: object) -> object:
     """Send rank 0's picklable ``value`` (or the exception it raised) to every rank."""
     if env.world_size == 1:
