@@ -85,7 +85,7 @@ def run_once(name: str, cmd: list[str], env: dict[str, str], log_dir: str) -> di
 
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
-"""glibc malloc keeps freed memory instead of unmapping it (as ``launcher/runtime_env.sh`` sets
+"""glibc malloc keeps freed memory instead of unmapping it (as ``launcher/common.sh`` sets
 for every launcher): otherwise every step's multi-MB activations are fresh mmaps, ~2,000 page
 faults (~3.7 ms of kernel time) per step and rank. Measured: +8% per step, +4% on the ceiling."""
 OMP_BIND_ENV = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
@@ -179,10 +179,11 @@ def runs_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _per_rank_batch(overrides: list[str]) -> int:
+def _run_config(overrides: list[str]):
+    """The Config every run will use (the config overrides among compare's arguments)."""
     from deepfm_dist.config import load_config
 
-    return load_config([o for o in overrides if o.startswith("--") and "." in o.split("=")[0]]).train.batch_size
+    return load_config([o for o in overrides if o.startswith("--") and "." in o.split("=")[0]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(log_dir, exist_ok=True)
     steps = (["--warmup", "2", "--steps", "3"] if args.quick else [])
     base_env = {**MALLOC_ENV, **os.environ}
-    pinned = "--train.pin_cpus=false" not in overrides
-    one_process_env = dict(base_env, **(OMP_BIND_ENV if pinned else {}))
-    per_rank_batch = _per_rank_batch(overrides)
+    run_cfg = _run_config(overrides)
+    one_process_env = dict(base_env, **(OMP_BIND_ENV if run_cfg.train.pin_cpus else {}))
+    per_rank_batch = run_cfg.train.batch_size
 
     # name -> (mode, ranks, threads per rank, extra args)
     plan: list[tuple[str, str, int, int, list[str]]] = [
