@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +42,19 @@ class Batch(_TorchrecBatch):
     weighted_features: KeyedJaggedTensor | None = None
     passthrough: Any = None  # pyarrow.Table | None (not imported here: batches are torch-only)
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        move = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
+    def _map(self, fn: Callable[[Any], Any]) -> "Batch":
+        """A new batch with ``fn`` applied to every tensor / KJT (the pass-through table as is)."""
         return Batch(
-            dense_features=move(self.dense_features),
-            sparse_features=move(self.sparse_features),
-            labels=move(self.labels),
-            weights=_opt(self.weights, move),
-            weighted_features=_opt(self.weighted_features, move),
+            dense_features=fn(self.dense_features),
+            sparse_features=fn(self.sparse_features),
+            labels=fn(self.labels),
+            weights=_opt(self.weights, fn),
+            weighted_features=_opt(self.weighted_features, fn),
             passthrough=self.passthrough,
         )
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
         super().record_stream(stream)
@@ -60,12 +64,4 @@ class Batch(_TorchrecBatch):
             self.weighted_features.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        pin = lambda t: t.pin_memory()  # noqa: E731
-        return Batch(
-            dense_features=pin(self.dense_features),
-            sparse_features=pin(self.sparse_features),
-            labels=pin(self.labels),
-            weights=_opt(self.weights, pin),
-            weighted_features=_opt(self.weighted_features, pin),
-            passthrough=self.passthrough,
-        )
+        return self._map(lambda t: t.pin_memory())
