@@ -20,24 +20,18 @@ cd "$ROOT"
 bash launcher/setup.sh
 VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-source "$ROOT/launcher/runtime_env.sh"  # malloc settings for every rank
+source "$ROOT/launcher/common.sh"  # malloc settings for every rank; shared steps
 
 MODE="${1:-}"
 # e2e and compare read the default preset's synthetic Parquet set; make it once (as train.sh does).
 if [[ "$MODE" == "e2e" || "$MODE" == "compare" ]] && [[ " $* " != *" --data.train"* ]]; then
-  SYNTHETIC_DIR="${SYNTHETIC_DIR:-data/generated/synthetic}"
-  if [[ ! -f "$SYNTHETIC_DIR/oracle.json" ]]; then
-    "$PY" data/make_synthetic.py --out "$SYNTHETIC_DIR" --train-rows 1000000 --val-rows 100000
-  fi
+  ensure_synthetic_data "$PY"
 fi
 case "$MODE" in
   step|e2e)
     # One rank per GPU, else 2 CPU ranks; ranks x threads <= cores (set_cpu_threads).
-    if [[ -z "${NPROC:-}" ]]; then
-      NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
-      if [[ "$NGPU" -gt 0 ]]; then NPROC="$NGPU"; else NPROC=2; fi
-    fi
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
+    NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
+    export_omp_threads "$NPROC" "$(nproc)"
     exec "$VENV/bin/torchrun" --standalone --nnodes=1 --nproc_per_node="$NPROC" --local-ranks-filter=0 \
       -m deepfm_dist.bench "$@"
     ;;

@@ -15,30 +15,20 @@ cd "$ROOT"
 bash launcher/setup.sh
 VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-source "$ROOT/launcher/runtime_env.sh"  # malloc settings for every rank
+source "$ROOT/launcher/common.sh"  # malloc settings for every rank; shared steps
 
-if [[ -z "${NPROC:-}" ]]; then
-  NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
-  if [[ "$NGPU" -gt 0 ]]; then NPROC="$NGPU"; else NPROC=2; fi
-fi
+NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
 # --standalone picks a free port; MASTER_PORT pins one (e.g. when several jobs share a node).
 RDZV_ARGS=(--standalone)
 if [[ -n "${MASTER_PORT:-}" ]]; then RDZV_ARGS=(--master_addr=127.0.0.1 --master_port="$MASTER_PORT"); fi
 LOG_RANK="${LOG_RANK:-0}"
-# One OpenMP pool per rank sized to its share of the cores (ranks x threads <= cores);
-# train.threads can still override it per run.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
+# train.threads can still override the threads per run.
+export_omp_threads "$NPROC" "$(nproc)"
 CONFIG_ARGS=()
 if [[ -n "${CONFIG:-}" ]]; then CONFIG_ARGS=(--config "$CONFIG"); fi
 
 # The default preset reads data/generated/synthetic; make it once if it is not there.
-if [[ -z "${CONFIG:-}" ]]; then
-  SYNTHETIC_DIR="${SYNTHETIC_DIR:-data/generated/synthetic}"
-  if [[ ! -f "$SYNTHETIC_DIR/oracle.json" ]]; then
-    "$PY" data/make_synthetic.py --out "$SYNTHETIC_DIR" \
-      --train-rows "${SYNTHETIC_TRAIN_ROWS:-1000000}" --val-rows "${SYNTHETIC_VAL_ROWS:-100000}"
-  fi
-fi
+if [[ -z "${CONFIG:-}" ]]; then ensure_synthetic_data "$PY"; fi
 
 exec "$VENV/bin/torchrun" "${RDZV_ARGS[@]}" --nnodes=1 --nproc_per_node="$NPROC" \
   --local-ranks-filter="$LOG_RANK" \

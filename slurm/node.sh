@@ -10,18 +10,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${VENV:-$ROOT/.venv}"
-source "$ROOT/launcher/runtime_env.sh"  # malloc settings for every rank
+source "$ROOT/launcher/common.sh"  # malloc settings for every rank; shared steps
 : "${HEAD_NODE:?HEAD_NODE must be set (slurm/train.sbatch sets it)}"
 : "${SLURM_NNODES:?not inside a Slurm allocation (SLURM_NNODES unset)}"
 : "${SLURM_JOB_ID:?not inside a Slurm allocation (SLURM_JOB_ID unset)}"
 
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-  NGPU="$("$VENV/bin/python" -c 'import torch; print(torch.cuda.device_count())')"
-  if [[ "$NGPU" -gt 0 ]]; then NPROC_PER_NODE="$NGPU"; else NPROC_PER_NODE="${CPU_RANKS_PER_NODE:-2}"; fi
-fi
+NPROC_PER_NODE="${NPROC_PER_NODE:-$(default_nproc "$VENV/bin/python" "${CPU_RANKS_PER_NODE:-2}")}"
 # Ranks x threads must not exceed the cores given to this task.
-CORES="${SLURM_CPUS_ON_NODE:-$(nproc)}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC_PER_NODE > 0 ? CORES / NPROC_PER_NODE : 1 ))}"
+export_omp_threads "$NPROC_PER_NODE" "${SLURM_CPUS_ON_NODE:-$(nproc)}"
 
 CONFIG_ARGS=()
 if [[ -n "${CONFIG:-}" ]]; then CONFIG_ARGS=(--config "$CONFIG"); fi
