@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") ->
     logits, labels, weights = [], [], []
     for batch in reader:
         batch = batch.to(env.device, non_blocking=True)
-        with autocast(env, precision):
+        with autocast(env.device, precision):
             _, (_, lg, lb, w) = model(batch)
         logits.append(lg.float())
         labels.append(lb)
@@ -104,9 +104,20 @@ def sync_dense_buffers(model: nn.Module, env: DistEnv) -> None:
             torch.distributed.broadcast(buf, src=0)
 
 
-def autocast(env: DistEnv, precision: str):
-    """bf16 autocast of the dense compute on CUDA; a no-op context otherwise."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and env.device.type == "cuda")
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast of the dense compute (CUDA, or CPU: the MLP's oneDNN Linear layers follow
+    it, see model/linear.py); a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """Fail at start-up when bf16 would be emulated: on a CPU without native bf16 (AVX512-BF16
+    or AMX) oneDNN's bf16 matmuls are slower than fp32, so asking for them is a mistake."""
+    if precision == "bf16" and device_type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError(
+            "train.precision='bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX) for oneDNN; "
+            "this CPU has neither, so bf16 would be slower than fp32: use train.precision=fp32"
+        )
 
 
 def find_oracle(val_specs: list[str]) -> dict | None:
@@ -245,6 +256,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.log = RankLogger(env)
         check_embedding_optimizer(cfg.optimizer, env.device.type)
+        check_precision(cfg.train.precision, env.device.type)
         self.threads, self.cores = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)
         self.train_reader = make_reader(cfg, env, train_files, train=True)
         self.val_reader = make_reader(cfg, env, val_files, train=False)
@@ -481,7 +493,7 @@ class Trainer:
 
     def train_step(self, pipeline: TrainPipelineSparseDist | None, batches) -> torch.Tensor:
         """One step; returns the detached local loss (a device tensor: no host sync here)."""
-        with autocast(self.env, self.cfg.train.precision):
+        with autocast(self.env.device, self.cfg.train.precision):
             if pipeline is not None:
                 loss, *_ = pipeline.progress(batches)
                 return loss

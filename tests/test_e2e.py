@@ -11,12 +11,24 @@ from tests.conftest import small_args
 from tests.distributed_helpers import launch
 
 
-def test_main_on_two_ranks_learns_planted_signal(tiny_data, tmp_path):
+def _bf16_cpu() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.parametrize("precision", [
+    "fp32",
+    pytest.param("bf16", marks=pytest.mark.skipif(not _bf16_cpu(), reason="no native bf16 on this CPU")),
+])
+def test_main_on_two_ranks_learns_planted_signal(tiny_data, tmp_path, precision):
     data_dir, oracle = tiny_data
     run_dir = tmp_path / "run"
-    results = launch(main, (small_args(data_dir, run_dir, "--train.log_every=20"),), nproc=2)
+    results = launch(main, (small_args(data_dir, run_dir, "--train.log_every=20", f"--train.precision={precision}"),),
+                     nproc=2)
 
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["config"]["train"]["precision"] == precision
     for key in ("world_size", "steps", "train_samples", "train_samples_per_s", "val_auc", "val_logloss"):
         assert key in summary, key
     assert summary["world_size"] == 2

@@ -118,3 +118,67 @@ def test_deepfm_logit_is_bias_plus_first_order_plus_fm_plus_mlp():
     first = rows_a[:, d] + rows_b[:, d] + dense @ model.dense_fields.weights
     expected = 0.3 + first + brute_force_fm(fields) + model.deep(fields.flatten(1))
     torch.testing.assert_close(logits, expected)
+
+
+def test_onednn_linear_bf16_autocast_matches_torch_autocast_and_fp32():
+    """train.precision=bf16 on CPU: the oneDNN layers run bf16 matmuls (inputs rounded to bf16,
+    fp32 accumulation) exactly where torch's autocast runs nn.Linear in bf16, so the two towers
+    agree to summation order; both stay within bf16 rounding of the fp32 tower. Weights and
+    their gradients stay fp32; outside autocast the same module is fp32 again."""
+    import pytest
+
+    from deepfm_dist.model.deepfm import DeepTower
+    from deepfm_dist.model.linear import onednn_available
+
+    if not (onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("this CPU has no native bf16 for oneDNN")
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    def run(tower, x, bf16):
+        x = x.clone().requires_grad_()
+        tower.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = tower(x)
+        assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        y.float().square().sum().backward()
+        assert x.grad.dtype == torch.float32
+        return y.float(), x.grad, {n: p.grad.clone() for n, p in tower.named_parameters()}
+
+    x = torch.randn(256, 64)
+    for batch_norm in (True, False):
+        torch.manual_seed(0)
+        ours = DeepTower(64, [48, 32], "relu", batch_norm, 0.0, linear_kernel="onednn")
+        plain = DeepTower(64, [48, 32], "relu", batch_norm, 0.0, linear_kernel="torch")
+        plain.load_state_dict(ours.state_dict())
+        y, dx, grads = run(ours, x, bf16=True)
+        y_t, dx_t, grads_t = run(plain, x, bf16=True)
+        assert rel(y, y_t) < 1e-3 and rel(dx, dx_t) < 1e-3
+        for name, p in ours.named_parameters():
+            assert p.dtype == torch.float32 and grads[name].dtype == torch.float32, name
+            assert rel(grads[name], grads_t[name]) < 1e-3, name
+        y32, dx32, grads32 = run(ours, x, bf16=False)
+        # The bf16 run is really bf16 (not fp32 in disguise), and near fp32: 8 significant bits,
+        # ~0.4% per rounding on the way forward; the backward rounds every layer's gradient to
+        # bf16 and its sums cancel (BatchNorm's mean subtractions most), so norm-wise ~10% there,
+        # as in torch's own autocast above. A wrong transpose or cast would be off by ~100%.
+        assert not torch.equal(y, y32)
+        assert rel(y, y32) < 0.02
+        assert rel(dx, dx32) < 0.25
+        # All parameter gradients as one vector: a Linear bias right before BatchNorm has an
+        # exactly-zero gradient, which fp32 leaves at 1e-7 and bf16 at 1e-3, no relative scale.
+        flat, flat32 = (torch.cat([g[n].flatten() for n in grads]) for g in (grads, grads32))
+        assert rel(flat, flat32) < 0.25
+
+
+def test_bf16_on_a_cpu_without_native_bf16_names_the_key(monkeypatch):
+    import pytest
+
+    from deepfm_dist.trainer import check_precision
+
+    check_precision("fp32", "cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match=r"train\.precision='bf16'.*AVX512-BF16"):
+        check_precision("bf16", "cpu")
+    check_precision("bf16", "cuda")

@@ -29,6 +29,7 @@ from deepfm_dist.bench.common import add_common_args, config_line, parse, pick_s
 from deepfm_dist.model.deepfm import DeepTower, DenseFields
 from deepfm_dist.model.fm import fm_second_order
 from deepfm_dist.optim import _dense_optimizer
+from deepfm_dist.trainer import autocast, check_precision
 
 
 def autograd_fm(fields: torch.Tensor) -> torch.Tensor:
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     sizes = list(cfg.data.table_sizes().values())
     device = pick_single_device(cfg)
+    check_precision(cfg.train.precision, device.type)
     model = PlainDeepFM(len(cfg.data.dense), sizes, cfg.model.embedding_dim, cfg.model.mlp, cfg.model.activation,
                         cfg.model.batch_norm, cfg.model.dropout, cfg.model.init_std, args.kernels).to(device)
     table_params = list(model.tables.parameters())
@@ -100,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         dense, ids, labels = next(batches)
         emb_opt.zero_grad()
         dense_opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(model(dense, ids), labels)
+        # train.precision=bf16: torch's own autocast, as plain PyTorch code would do it (its
+        # nn.Linear then runs bf16 matmuls on oneDNN too).
+        with autocast(device, cfg.train.precision):
+            loss = nn.functional.binary_cross_entropy_with_logits(model(dense, ids), labels)
         loss.backward()
         emb_opt.step()
         dense_opt.step()
@@ -110,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     numbers = report.rank_numbers(clock, batch, batches.wait_seconds - wait_at_warmup, device)
     summary = report.summarize([numbers], batch)
     summary.update(threads=threads, batch_size=batch, embedding_optimizer=args.embedding_optimizer,
-                   kernels=args.kernels)
+                   kernels=args.kernels, precision=cfg.train.precision)
     setup = [
         ("model", config_line(cfg) + f"; here: nn.EmbeddingBag(sparse=True) x {len(sizes)} + "
-                  f"torch.optim.{type(emb_opt).__name__}, dense {cfg.optimizer.dense}, kernels: {args.kernels}"),
+                  f"torch.optim.{type(emb_opt).__name__}, dense {cfg.optimizer.dense}, kernels: {args.kernels}, "
+                  f"precision {cfg.train.precision}"),
         ("run", f"1 process x {threads} thread(s), {device.type}, batch {batch}, {args.warmup} warm-up + "
                 f"{args.steps} measured steps"),
     ]

@@ -20,6 +20,7 @@ from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, parse, pick_single_device, set_threads
 from deepfm_dist.model.deepfm import DeepTower
 from deepfm_dist.optim import _dense_optimizer
+from deepfm_dist.trainer import autocast, check_precision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     width = fields * cfg.model.embedding_dim
     torch.manual_seed(cfg.train.seed)
     device = pick_single_device(cfg)
+    check_precision(cfg.train.precision, device.type)
     tower = DeepTower(width, cfg.model.mlp, cfg.model.activation, cfg.model.batch_norm, cfg.model.dropout,
                       cfg.model.linear_kernel).to(device)
     opt = _dense_optimizer(cfg.optimizer, tower.parameters())
@@ -48,19 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     clock = report.StepClock(device, args.warmup)
     for i in range(args.warmup + args.steps):
         opt.zero_grad()
-        logits = tower(inputs[i % 4])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[i % 4])
+        with autocast(device, cfg.train.precision):  # as Trainer.train_step
+            logits = tower(inputs[i % 4])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[i % 4])
         loss.backward()
         opt.step()
         clock.tick()
     numbers = report.rank_numbers(clock, batch, 0.0, device)
     summary = report.summarize([numbers], batch)
-    summary.update(threads=threads, batch_size=batch, linear_kernel=cfg.model.linear_kernel, input_grad=not args.no_input_grad)
+    summary.update(threads=threads, batch_size=batch, linear_kernel=cfg.model.linear_kernel, input_grad=not args.no_input_grad,
+                   precision=cfg.train.precision)
     params = sum(p.numel() for p in tower.parameters())
     setup = [
         ("model", f"DeepTower {width}-{'-'.join(map(str, cfg.model.mlp))}-1"
                   f"{' +BN' if cfg.model.batch_norm else ''} {cfg.model.activation}, {params:,} parameters; "
-                  f"BCE loss; {cfg.optimizer.dense} step; linear kernel {cfg.model.linear_kernel}; gradient w.r.t. the input: "
+                  f"BCE loss; {cfg.optimizer.dense} step; linear kernel {cfg.model.linear_kernel}; precision {cfg.train.precision}; gradient w.r.t. the input: "
                   f"{'no' if args.no_input_grad else 'yes (as in DeepFM)'}"),
         ("run", f"1 process x {threads} thread(s), {device.type}, batch {batch}, {args.warmup} warm-up + "
                 f"{args.steps} measured steps"),

@@ -121,5 +121,5 @@ def config_line(cfg: Config) -> str:
     rows = sum(sizes)
     return (f"DeepFM: {len(cfg.data.dense)} dense + {len(cfg.data.sparse)} sparse fields, dim "
             f"{cfg.model.embedding_dim}, MLP {'-'.join(map(str, cfg.model.mlp))}"
-            f"{' +BN' if cfg.model.batch_norm else ''} (Linear: {cfg.model.linear_kernel}), tables {rows:,} rows in all (largest {max(sizes):,}); "
+            f"{' +BN' if cfg.model.batch_norm else ''} (Linear: {cfg.model.linear_kernel}, {cfg.train.precision}), tables {rows:,} rows in all (largest {max(sizes):,}); "
             f"optimizers: {cfg.optimizer.embedding} (tables), {cfg.optimizer.dense} (dense)")
