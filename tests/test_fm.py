@@ -182,3 +182,54 @@ def test_bf16_on_a_cpu_without_native_bf16_names_the_key(monkeypatch):
     with pytest.raises(ValueError, match=r"train\.precision='bf16'.*AVX512-BF16"):
         check_precision("bf16", "cpu")
     check_precision("bf16", "cuda")
+
+
+def test_gather_fields_equals_stack_and_cat_bit_for_bit():
+    """The fused field assembly against the composition it replaces (to_dict, stack, slices,
+    cat): keys in another order than the fields (as after sharding), two collections (plain +
+    weighted), with and without dense fields; values and gradients identical, and padding
+    columns get a zero gradient."""
+    from torchrec import KeyedTensor
+
+    from deepfm_dist.model.fields import gather_fields
+
+    g = torch.Generator().manual_seed(3)
+    b, d, w = 6, 5, 8
+    features = ["a", "b", "c", "d", "e"]
+    for split, with_dense in [(["c", "a", "e", "b", "d"], None), (["d", "b"], ["e", "a", "c"]), (["b", "c", "a", "e", "d"], 3)]:
+        groups = [split] if with_dense is None or isinstance(with_dense, int) else [split, with_dense]
+        nd = with_dense if isinstance(with_dense, int) else 0
+        vals = [torch.randn(b, len(keys) * w, generator=g, dtype=torch.float64, requires_grad=True) for keys in groups]
+        dense = torch.randn(b, nd, d, generator=g, dtype=torch.float64, requires_grad=True) if nd else None
+        kts = [KeyedTensor(keys=keys, length_per_key=[w] * len(keys), values=v) for keys, v in zip(groups, vals)]
+        fields, first = gather_fields(kts, features, d, dense)
+
+        by_name = {}
+        for kt in kts:
+            by_name.update(kt.to_dict())
+        rows = torch.stack([by_name[f] for f in features], dim=1)
+        ref_fields = rows[:, :, :d] if dense is None else torch.cat([dense, rows[:, :, :d]], dim=1)
+        ref_first = rows[:, :, d].sum(dim=1)
+        assert fields.is_contiguous() and fields.shape == (b, nd + len(features), d)
+        assert torch.equal(fields, ref_fields) and torch.equal(first, ref_first)
+
+        gf = torch.randn(fields.shape, generator=g, dtype=torch.float64)
+        gw = torch.randn(b, generator=g, dtype=torch.float64)
+        leaves = vals + ([dense] if dense is not None else [])
+        ours = torch.autograd.grad((fields * gf).sum() + (first * gw).sum(), leaves)
+        ref = torch.autograd.grad((ref_fields * gf).sum() + (ref_first * gw).sum(), leaves)
+        for x, y in zip(ours, ref):
+            assert torch.equal(x, y)
+        for v in ours[: len(vals)]:
+            assert torch.count_nonzero(v.view(b, -1, w)[:, :, d + 1:]) == 0, "padding columns get no gradient"
+
+
+def test_gather_fields_rejects_keys_that_are_not_the_fields():
+    import pytest
+    from torchrec import KeyedTensor
+
+    from deepfm_dist.model.fields import gather_fields
+
+    kt = KeyedTensor(keys=["a", "x"], length_per_key=[4, 4], values=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="keys"):
+        gather_fields([kt], ["a", "b"], 3)

@@ -21,8 +21,13 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from deepfm_dist.data.schema import FeatureSpec
+from deepfm_dist.model.fields import gather_fields
 from deepfm_dist.model.fm import fm_second_order
 from deepfm_dist.model.linear import linear_class
+
+# fx.wrap patches the name in the globals of the module that calls it: this module calls
+# gather_fields, so the pipeline's fx trace records it as one call instead of tracing into it.
+torch.fx.wrap("gather_fields")
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -120,7 +125,8 @@ class SparseFields(nn.Module):
     features pool their ids (sum or mean) into one row, so every feature is one field. Shared
     tables serve several features (one field each).
 
-    (sparse KJT, weighted KJT or None) -> (fields [B, Ns, D], first_order [B]).
+    (sparse KJT, weighted KJT or None, dense fields [B, Nd, D] or None) -> (fields [B, Nd + Ns, D],
+    first_order [B]).
     """
 
     def __init__(self, features: list[FeatureSpec], embedding_dim: int, device: torch.device):
@@ -129,7 +135,6 @@ class SparseFields(nn.Module):
         self.embedding_dim = embedding_dim
         plain = [f for f in features if not f.weighted]
         weighted = [f for f in features if f.weighted]
-        self.weighted_names = frozenset(f.name for f in weighted)
         self.ebc = EmbeddingBagCollection(tables=_table_configs(plain, embedding_dim), device=device) if plain else None
         self.weighted_ebc = (
             EmbeddingBagCollection(tables=_table_configs(weighted, embedding_dim), is_weighted=True, device=device)
@@ -138,21 +143,23 @@ class SparseFields(nn.Module):
         )
 
     def forward(
-        self, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None
+        self, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None,
+        dense_fields: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # After sharding the pooled keys come out grouped by shard, not in config order:
-        # always select by name.
-        # (No dict.update on the pooled outputs: TrainPipelineSparseDist fx-traces this forward,
-        # and iterating a traced value fails.)
-        plain = self.ebc(sparse).to_dict() if self.ebc is not None else {}
+        """-> (fields [B, Nd + Ns, D]: ``dense_fields`` [B, Nd, D] first if given, then the sparse
+        fields in config order; first_order [B]: the sum of the sparse first-order weights)."""
         if self.weighted_ebc is not None and weighted is None:
             raise ValueError("the model has weighted features but the batch carries no weighted_features")
-        with_weights = self.weighted_ebc(weighted).to_dict() if self.weighted_ebc is not None else {}
-        rows = torch.stack(
-            [with_weights[f] if f in self.weighted_names else plain[f] for f in self.features], dim=1
-        )  # [B, Ns, table_dim]
-        d = self.embedding_dim
-        return rows[:, :, :d], rows[:, :, d].sum(dim=1)
+        pooled = []
+        if self.ebc is not None:
+            pooled.append(self.ebc(sparse))
+        if self.weighted_ebc is not None:
+            pooled.append(self.weighted_ebc(weighted))
+        # After sharding the pooled keys come out grouped by shard, not in config order:
+        # gather_fields selects by name. Indexed, not unpacked: under the pipeline's fx trace
+        # its result is one proxy, which cannot be iterated.
+        out = gather_fields(pooled, self.features, self.embedding_dim, dense_fields)
+        return out[0], out[1]
 
 
 class DeepFM(nn.Module):
@@ -197,10 +204,11 @@ class DeepFM(nn.Module):
     def forward(
         self, dense: torch.Tensor, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None
     ) -> torch.Tensor:
-        fields, first_order = self.sparse_fields(sparse, weighted)
+        dense_fields = dense_first = None
         if self.dense_fields is not None:
             dense_fields, dense_first = self.dense_fields(dense)
-            fields = torch.cat([dense_fields, fields], dim=1)  # [B, F, D]
+        fields, first_order = self.sparse_fields(sparse, weighted, dense_fields)  # [B, F, D], [B]
+        if dense_first is not None:
             first_order = first_order + dense_first
         deep = self.deep(fields.flatten(1))
         return self.bias + first_order + fm_second_order(fields) + deep
