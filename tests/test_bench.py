@@ -81,13 +81,15 @@ def test_compare_ratios_and_targets():
         "step_1": {"samples_per_s": 40_000.0},
         "step_2": {"samples_per_s": 70_000.0},
         "e2e": {"samples_per_s": 66_000.0},
+        "step_1_at_once": {"samples_per_s": 74_000.0, "samples_per_s_per_rank": 37_000.0},
         "memory": {"peak_rss_mb_per_rank": [3000.0, 2000.0], "rss_bound_mb_per_rank": [3200.0, 1900.0]},
     }
     r = compare.ratios(results, nproc=2, cores_1=1, cores_n=2)
+    assert r["scaling_without_communication"] == pytest.approx(0.925)
     assert r["e2e_vs_ceiling"] == pytest.approx(0.825)
     assert r["e2e_vs_baseline"] == pytest.approx(2.2)
     assert r["step_per_core_scaling"] == pytest.approx(0.875)
     assert r["memory_within_bound"] is False
     table, met = compare.targets_table(r)
     assert met == {"e2e_vs_ceiling": True, "e2e_vs_baseline": True, "step_per_core_scaling": False, "memory": False}
-    assert "NO" in table
+    assert "NO" in table and "scaling with no communication" in table

@@ -84,6 +84,43 @@ def run_once(name: str, cmd: list[str], env: dict[str, str], log_dir: str) -> di
     return result
 
 
+def run_concurrent(name: str, cmd: list[str], copies: int, cores_each: int, env: dict[str, str], log_dir: str,
+                   ) -> dict[str, Any]:
+    """``copies`` independent one-rank runs of ``cmd`` at the same time, copy i on cores
+    [i * cores_each, (i + 1) * cores_each): the step with no communication at all, under the
+    contention the distributed run also has (shared caches, memory bandwidth, clocks)."""
+    procs = []
+    for i in range(copies):
+        cores = set(range(i * cores_each, (i + 1) * cores_each))
+        copy_cmd = list(cmd)
+        if "--out" in copy_cmd:  # one JSON file per copy
+            j = copy_cmd.index("--out") + 1
+            copy_cmd[j] = copy_cmd[j].replace(".json", f"_{i}.json")
+        procs.append(subprocess.Popen(copy_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      preexec_fn=lambda c=cores: os.sched_setaffinity(0, c)))
+    results = []
+    for i, proc in enumerate(procs):
+        stdout, stderr = proc.communicate()
+        log = os.path.join(log_dir, f"{name}_{i}.log")
+        with open(log, "w") as f:
+            f.write("$ " + " ".join(cmd) + "\n" + stdout + "\n--- stderr ---\n" + stderr)
+        result = _last_json(stdout)
+        if proc.returncode != 0 or result is None:
+            raise RuntimeError(f"bench compare: {name} copy {i} failed (exit {proc.returncode}); log {log}")
+        results.append(result)
+    rates = [r["samples_per_s"] for r in results]
+    # Each copy counts the others' CPU as "other load": subtract theirs (copies - 1 cores' worth).
+    other = max(0.0, min(r.get("other_load_cores", 0.0) for r in results) - (copies - 1) * cores_each)
+    print(f"  {name:<22} {sum(rates):>10,.0f} samples/s  ({copies} independent 1-rank runs at once: "
+          f"{', '.join(f'{x:,.0f}' for x in rates)}; others used {other:.2f} cores meanwhile)", flush=True)
+    return {"mode": "step", "world_size": 1, "copies": copies, "threads_per_rank": cores_each,
+            "samples_per_s": sum(rates), "samples_per_s_per_rank": sum(rates) / copies,
+            "step_ms_p50": max(r["step_ms_p50"] for r in results), "step_ms_p90": max(r["step_ms_p90"] for r in results),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in results], "other_load_cores": other,
+            "copies_samples_per_s": rates, "command": f"{copies} x (" + " ".join(cmd) + ") on their own cores"}
+
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 """glibc malloc keeps freed memory instead of unmapping it (as ``launcher/common.sh`` sets
 for every launcher): otherwise every step's multi-MB activations are fresh mmaps, ~2,000 page
@@ -132,6 +169,10 @@ def ratios(results: dict[str, dict[str, Any]], nproc: int, cores_1: int, cores_n
         out["e2e_vs_step"] = e2e["samples_per_s"] / stepn["samples_per_s"]
     if step1 and stepn:
         out["step_per_core_scaling"] = (stepn["samples_per_s"] / cores_n) / (step1["samples_per_s"] / cores_1)
+    concurrent = results.get("step_1_at_once")
+    if step1 and concurrent:
+        # What scaling would be with free communication: N copies of the 1-rank step at once.
+        out["scaling_without_communication"] = concurrent["samples_per_s_per_rank"] / step1["samples_per_s"]
     memory = results.get("memory")
     if memory:
         peaks, bounds = memory["peak_rss_mb_per_rank"], memory["rss_bound_mb_per_rank"]
@@ -160,7 +201,9 @@ def targets_table(r: dict[str, Any]) -> tuple[str, dict[str, bool]]:
                          f"{'<= ' + format(b, ',.0f'):>8}  {'yes' if p <= b else 'NO'}")
     for key, label in (("step_vs_ceiling", "(info) step / ceiling"), ("e2e_vs_step", "(info) e2e / step"),
                        ("e2e_vs_ceiling_without_input_grad", "(info) e2e / ceiling without d/d(input)"),
-                       ("e2e_vs_baseline_with_our_kernels", "(info) e2e / baseline with our kernels")):
+                       ("e2e_vs_baseline_with_our_kernels", "(info) e2e / baseline with our kernels"),
+                       ("scaling_without_communication",
+                        "(info) scaling with no communication (step_1_at_once)")):
         if key in r:
             lines.append(f"{label:<52} {r[key]:>10.2f}")
     return "\n".join(lines), met
@@ -220,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         ("baseline_ours", "baseline", 1, cores, ["--batch-size", str(per_rank_batch * nproc), "--kernels", "ours"]),
         ("step_1", "step", 1, 1 if not gpus else cores, [] if gpus else ["--train.threads=1"]),
         (f"step_{nproc}", "step", nproc, cpu_threads_n, []),
+        # CPU: the scaling loss that is not communication (see run_concurrent).
+        *([("step_1_at_once", "step", 1, cpu_threads_n, [f"--train.threads={cpu_threads_n}",
+                                                             "--train.pin_cpus=false"])] if not gpus else []),
         ("e2e", "e2e", nproc, cpu_threads_n, []),
     ]
     if not args.no_memory:
@@ -238,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd = command(mode, ranks, [*extra, *mode_steps, "--out", os.path.join(log_dir, f"{name}_r{r}.json"),
                                         *overrides])
             env = dict(one_process_env if ranks == 1 else base_env, OMP_NUM_THREADS=str(threads))
-            res = measure(f"{name}_r{r}" if args.repeats > 1 else name, cmd, env, log_dir, args.retries,
-                          args.max_other_load)
+            label = f"{name}_r{r}" if args.repeats > 1 else name
+            if name == "step_1_at_once":
+                res = run_concurrent(label, cmd, nproc, threads, dict(base_env, OMP_NUM_THREADS=str(threads)), log_dir)
+            else:
+                res = measure(label, cmd, env, log_dir, args.retries, args.max_other_load)
             if name not in results or res["samples_per_s"] > results[name]["samples_per_s"]:
                 results[name] = res
 
