@@ -5,13 +5,14 @@
 #   ./launcher/bench.sh loader --data DIR --batch-size 8192 --workers 2
 #   ./launcher/bench.sh step                          # training steps on pre-built batches, NPROC ranks
 #   ./launcher/bench.sh e2e                           # the real Trainer on the synthetic Parquet set
+#   ./launcher/bench.sh comm                          # the step's collectives alone (process group cost)
 #   ./launcher/bench.sh ceiling                       # the MLP alone, one process, every core
 #   ./launcher/bench.sh baseline                      # plain single-process PyTorch DeepFM
 #   ./launcher/bench.sh compare                       # all of the above + Kaggle-sized memory run; ratios vs targets
 #   NPROC=1 ./launcher/bench.sh step --tables kaggle --sharding.type=table_wise
 #
 # Every mode is `python -m deepfm_dist.bench MODE`; its last output line is one JSON object.
-# step/e2e run under torchrun (NPROC ranks; default: one per GPU, else 2 CPU ranks); the others
+# step/e2e/comm run under torchrun (NPROC ranks; default: one per GPU, else 2 CPU ranks); the others
 # are one process. --section.key=value overrides go to the run's config.
 # Knobs (environment): VENV, NPROC (step/e2e), SYNTHETIC_DIR (the e2e data set, made once).
 set -euo pipefail
@@ -28,7 +29,7 @@ if [[ "$MODE" == "e2e" || "$MODE" == "compare" ]] && [[ " $* " != *" --data.trai
   ensure_synthetic_data "$PY"
 fi
 case "$MODE" in
-  step|e2e)
+  step|e2e|comm)
     # One rank per GPU, else 2 CPU ranks; ranks x threads <= cores (set_cpu_threads).
     NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
     export_omp_threads "$NPROC" "$(nproc)"

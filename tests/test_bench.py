@@ -66,6 +66,15 @@ def test_step_on_two_ranks(tmp_path):
     assert result["threads_per_rank"] == 1
 
 
+def test_comm_on_two_ranks(tmp_path):
+    result = torchrun("comm", "--out", str(tmp_path / "c.json"))
+    check(result, "comm", 2)
+    kinds = [c["kind"] for c in result["collectives"]]
+    assert kinds.count("all_to_all") == 4 and kinds.count("all_reduce") == 1
+    per_step = sum(c["per_step"] * c["ms_mean"] for c in result["collectives"])
+    assert result["collectives_ms_per_step"] == pytest.approx(per_step, rel=1e-3)
+
+
 def test_e2e_on_two_ranks(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     result = torchrun("e2e", f"--data.train={data_dir}/train", f"--data.val={data_dir}/val",

@@ -9,6 +9,7 @@ MODES = {
     "loader": ("deepfm_dist.bench.loader", "Parquet loader vs raw pyarrow, rows/s per process"),
     "step": ("deepfm_dist.bench.step", "training steps on pre-built batches (model + sharding + comms), torchrun"),
     "e2e": ("deepfm_dist.bench.e2e", "the real Trainer reading Parquet, torchrun"),
+    "comm": ("deepfm_dist.bench.comm", "the step's collectives alone, at the step's sizes (process group cost), torchrun"),
     "ceiling": ("deepfm_dist.bench.ceiling", "the MLP alone in one process on all cores (compute ceiling)"),
     "baseline": ("deepfm_dist.bench.baseline", "plain single-process PyTorch DeepFM (nn.EmbeddingBag, sparse grads)"),
     "compare": ("deepfm_dist.bench.compare", "ceiling, baseline, step (1 and 2 ranks), e2e in one run; ratios vs targets"),
