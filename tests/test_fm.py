@@ -1,5 +1,6 @@
 """The FM term against a brute-force double loop over field pairs, and the model's assembly."""
 
+import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
@@ -125,8 +126,6 @@ def test_onednn_linear_bf16_autocast_matches_torch_autocast_and_fp32():
     fp32 accumulation) exactly where torch's autocast runs nn.Linear in bf16, so the two towers
     agree to summation order; both stay within bf16 rounding of the fp32 tower. Weights and
     their gradients stay fp32; outside autocast the same module is fp32 again."""
-    import pytest
-
     from deepfm_dist.model.deepfm import DeepTower
     from deepfm_dist.model.linear import onednn_available
 
@@ -173,8 +172,6 @@ def test_onednn_linear_bf16_autocast_matches_torch_autocast_and_fp32():
 
 
 def test_bf16_on_a_cpu_without_native_bf16_names_the_key(monkeypatch):
-    import pytest
-
     from deepfm_dist.trainer import check_precision
 
     check_precision("fp32", "cpu")
@@ -184,14 +181,19 @@ def test_bf16_on_a_cpu_without_native_bf16_names_the_key(monkeypatch):
     check_precision("bf16", "cuda")
 
 
-def test_gather_fields_equals_stack_and_cat_bit_for_bit():
+@pytest.mark.parametrize("per_field_copies", [True, False], ids=["cpu_copies", "gpu_index_select"])
+def test_gather_fields_equals_stack_and_cat_bit_for_bit(per_field_copies, monkeypatch):
     """The fused field assembly against the composition it replaces (to_dict, stack, slices,
     cat): keys in another order than the fields (as after sharding), two collections (plain +
     weighted), with and without dense fields; values and gradients identical, and padding
-    columns get a zero gradient."""
+    columns get a zero gradient. Both forms: per-field copies (CPU) and the one-kernel
+    index_select / index_copy_ (GPU), here both on CPU tensors."""
     from torchrec import KeyedTensor
 
+    from deepfm_dist.model import fields as fields_module
     from deepfm_dist.model.fields import gather_fields
+
+    monkeypatch.setattr(fields_module, "PER_FIELD_COPIES_ON", ("cpu",) if per_field_copies else ())
 
     g = torch.Generator().manual_seed(3)
     b, d, w = 6, 5, 8
@@ -225,7 +227,6 @@ def test_gather_fields_equals_stack_and_cat_bit_for_bit():
 
 
 def test_gather_fields_rejects_keys_that_are_not_the_fields():
-    import pytest
     from torchrec import KeyedTensor
 
     from deepfm_dist.model.fields import gather_fields

@@ -8,17 +8,26 @@ it flattened), and the sum of the first-order weights.
 
 Done with ``to_dict`` + ``stack`` + slices + ``cat``, autograd records ~60 nodes per step and the
 backward makes about six passes over the rows (zero-filled slice and select gradients, their
-sum, the stack's and the split's copies). Here it is one copy per field forward, and backward
-one zero-filled ``[B, K, W]`` gradient written once (measured in ``bench/``: see
-benchmarks/cpu-2core_202612.md). Padding columns get a zero gradient, as before, so the fused
-optimizer leaves them untouched. ``tests/test_fm.py`` checks values and gradients against the
-stack/cat composition bit for bit.
+sum, the stack's and the split's copies). Here it is one copy per field forward (on CPU; one
+``index_select`` on a GPU, where a kernel launch per field would cost more), and backward one
+zero-filled ``[B, K, W]`` gradient written once: +5% per 2-rank CPU step
+(benchmarks/cpu-2core_202612.md). Padding columns get a zero gradient, as before, so the fused
+optimizer leaves them untouched. ``tests/test_fm.py`` checks values and gradients of both forms
+against the stack/cat composition bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
 from torchrec import KeyedTensor
+
+
+PER_FIELD_COPIES_ON = ("cpu",)
+"""Device types on which fields are copied one by one (else: one index_select / index_copy_)."""
+
+
+def _per_field_copies(t: torch.Tensor) -> bool:
+    return t.device.type in PER_FIELD_COPIES_ON
 
 
 class _GatherFields(torch.autograd.Function):
@@ -31,22 +40,31 @@ class _GatherFields(torch.autograd.Function):
         fields = values.new_empty(batch, num_dense + len(order), dim)
         if dense_fields is not None:
             fields[:, :num_dense].copy_(dense_fields)
-        # One strided copy per field: measured faster on CPU than index_select or advanced
-        # indexing over the key dimension (0.19 vs 0.26-0.72 ms for 26 x [2048, 16]).
-        for slot, key in enumerate(order):
-            fields[:, num_dense + slot].copy_(rows[:, key, :dim])
+        if _per_field_copies(values):
+            # One strided copy per field: measured faster on CPU than index_select or advanced
+            # indexing over the key dimension (0.19 vs 0.26-0.72 ms for 26 x [2048, 16]).
+            for slot, key in enumerate(order):
+                fields[:, num_dense + slot].copy_(rows[:, key, :dim])
+        else:
+            # On a GPU one gather kernel beats a launch per field.
+            fields[:, num_dense:].copy_(rows[:, :, :dim].index_select(1, order_index))
         # Summed in field order, as the unfused model did: the same result whatever the plan's
         # key order (floating-point sums depend on the order).
         first_order = rows[:, :, dim].index_select(1, order_index).sum(dim=1)
         ctx.meta = (batch, width, num_dense, order, dim, dense_fields is not None)
+        ctx.save_for_backward(order_index)
         return fields, first_order
 
     @staticmethod
     def backward(ctx, grad_fields: torch.Tensor, grad_first: torch.Tensor):
         batch, width, num_dense, order, dim, has_dense = ctx.meta
+        (order_index,) = ctx.saved_tensors
         grad_rows = grad_fields.new_zeros(batch, len(order), width)
-        for slot, key in enumerate(order):
-            grad_rows[:, key, :dim].copy_(grad_fields[:, num_dense + slot])
+        if _per_field_copies(grad_fields):
+            for slot, key in enumerate(order):
+                grad_rows[:, key, :dim].copy_(grad_fields[:, num_dense + slot])
+        else:
+            grad_rows[:, :, :dim].index_copy_(1, order_index, grad_fields[:, num_dense:])
         grad_rows[:, :, dim].copy_(grad_first.unsqueeze(1).expand(batch, len(order)))
         grad_dense = grad_fields[:, :num_dense] if has_dense and ctx.needs_input_grad[1] else None
         return grad_rows.view(batch, len(order) * width), grad_dense, None, None, None
