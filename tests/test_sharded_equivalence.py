@@ -112,11 +112,12 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
 _TABLE = re.compile(r"embedding_bags\.([^.]+)\.weight$")
 
 
-def rank_worker(sharding_type: str, rich: bool = False) -> dict:
+def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> dict:
     """Runs on each rank: shard, train STEPS steps on this rank's half of each global batch."""
     import torch.distributed as dist
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+    from deepfm_dist.distributed import shm
     from deepfm_dist.distributed.env import destroy, init_distributed
     from deepfm_dist.distributed.sharding import shard_model
     from deepfm_dist.optim import build_optimizers
@@ -124,9 +125,11 @@ def rank_worker(sharding_type: str, rich: bool = False) -> dict:
 
     quiet_library_noise()
     cfg = make_config(sharding_type, rich)
+    cfg.sharding.intra_node_comm = comm
     env = init_distributed("cpu")
     torch.set_num_threads(1)
     model, plan = shard_model(build_model(cfg), cfg, env)
+    used_shm = shm.groups_created > 0
     optimizer = build_optimizers(model, cfg.optimizer).combined
     losses = []
     for step in range(STEPS):
@@ -150,7 +153,7 @@ def rank_worker(sharding_type: str, rich: bool = False) -> dict:
             dense[key.split("model.", 1)[1]] = value.clone()
     kinds = {t: ps.sharding_type for mp in plan.plan.values() for t, ps in mp.items()}
     destroy()
-    return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds}
+    return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds, "shm": used_shm}
 
 
 def reference(cfg: Config, rich: bool = False) -> tuple[list[float], dict, dict]:
@@ -196,12 +199,18 @@ def _reference_tables(model: DeepFM) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "sharding_type, rich",
-    [("table_wise", False), ("column_wise", False), ("row_wise", False), ("table_row_wise", False),
-     ("table_column_wise", False), ("data_parallel", False), ("table_wise", True), ("row_wise", True)],
+    "sharding_type, rich, comm",
+    [("table_wise", False, "auto"), ("column_wise", False, "auto"), ("row_wise", False, "auto"),
+     ("table_row_wise", False, "auto"), ("table_column_wise", False, "auto"), ("data_parallel", False, "auto"),
+     ("table_wise", True, "auto"), ("row_wise", True, "auto"),
+     # auto is shared memory on this x86-64 node; gloo for everything must match as well.
+     ("table_wise", False, "gloo"), ("row_wise", True, "gloo")],
 )
-def test_two_ranks_match_single_process(sharding_type, rich):
-    results = launch(rank_worker, (sharding_type, rich), nproc=2)
+def test_two_ranks_match_single_process(sharding_type, rich, comm):
+    from deepfm_dist.distributed import shm
+
+    results = launch(rank_worker, (sharding_type, rich, comm), nproc=2)
+    assert results[0]["shm"] == results[1]["shm"] == (comm == "shm" or (comm == "auto" and shm.supported()))
     ref_losses, ref_tables, ref_dense = reference(make_config(sharding_type, rich), rich)
     if rich:
         assert set(ref_tables) == {"t_shared", "t_C3", "t_C4"}

@@ -31,6 +31,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
 from deepfm_dist.config import SHARDING_TYPES, Config
 from deepfm_dist.data.schema import feature_specs
+from deepfm_dist.distributed import shm
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
 from deepfm_dist.model import init_table_block, table_dim, table_name
 from deepfm_dist.model.init import BLOCK_ROWS
@@ -310,13 +311,28 @@ def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
     return touched
 
 
+def sharding_process_group(cfg: Config, env: DistEnv) -> torch.distributed.ProcessGroup:
+    """The group of the sharded model's collectives (``sharding.intra_node_comm``): shared memory
+    for CPU ranks that are all on this node, else the default group. Every rank calls it."""
+    usable = env.device.type == "cpu" and env.world_size > 1 and env.world_size == env.local_world_size
+    mode = cfg.sharding.intra_node_comm
+    if mode == "shm" and not (usable and shm.supported()):
+        raise ValueError(
+            f"sharding.intra_node_comm='shm' needs CPU ranks all on one x86-64 node; here: {env.world_size} "
+            f"rank(s), {env.local_world_size} on this node, device {env.device.type}, {shm.platform.machine()}"
+        )
+    if mode == "shm" or (mode == "auto" and usable and shm.supported()):
+        return shm.new_shm_group(cfg.sharding.shm_buffer_mb)
+    return torch.distributed.GroupMember.WORLD
+
+
 def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan, shard with DMP (dense part under DDP), and initialise the tables."""
     sharder = make_sharder(cfg)
     plan = plan_sharding(module, cfg, env, sharder)
     dmp = DistributedModelParallel(
         module=module,
-        env=ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD),
+        env=ShardingEnv.from_process_group(sharding_process_group(cfg, env)),
         device=env.device,
         plan=plan,
         sharders=[sharder],

@@ -1,0 +1,274 @@
+"""Shared-memory all-to-all and all-reduce for CPU ranks on one node (``sharding.intra_node_comm=shm``).
+
+On CPU, gloo moves every byte between ranks of one node over loopback TCP, and each collective
+passes from the calling thread to a gloo worker thread and its TCP loop thread and back, on the
+same core the rank computes on. On the 2-core dev machine a training step's collectives cost
+about 9 ms of a ~58 ms step (benchmarks/cpu-2core_202612.md). Here the ranks of one node exchange
+through files in /dev/shm that every rank maps: an all-to-all is one copy into this rank's
+segment and one copy out of each peer's, an all-reduce one copy in and a sum over the segments,
+done by the calling thread, with no socket and no thread hand-off.
+
+``ShmProcessGroup`` is a ``torch.distributed.ProcessGroup`` (registered as backend
+``deepfm_shm``) that serves ``alltoall_base`` (TorchRec's embedding all-to-alls) and
+``allreduce`` of one floating-point tensor with SUM (DDP's gradient buckets) from shared memory
+and hands every other collective to a gloo group it wraps. An operation larger than the segments
+goes to gloo on every rank (the ranks agree through the segments' headers before anyone
+proceeds). It is used only for the sharded model's process group (``distributed/sharding.py``).
+
+Protocol (per operation, numbered ``seq`` alike on every rank, since c10d collectives run in
+the same order on all ranks): two data buffers per rank, alternating with ``seq``. A rank waits
+until every peer has finished reading its buffer of two operations ago, writes its payload and
+header, publishes ``ready = seq``, waits for every peer's ``ready``, reads, then publishes
+``done = seq``. Waiting spins on the peers' counters (yielding the core) and raises, naming the
+rank, when that rank has exited (it flags its exit; a killed one is seen gone from /proc) or
+after the group's timeout. x86-64 only (its stores become
+visible in program order, which the flag-after-payload protocol relies on); elsewhere the
+sharding code keeps gloo.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import platform
+import time
+import uuid
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+BACKEND = "deepfm_shm"
+_HEADER_SLOTS = 64
+"""int64 slots per buffer header: [0] payload bytes or -1 (too large), [1..W+1] byte offsets."""
+_READY, _DONE, _EXITED, _PID = 0, 1, 2, 3
+_FLAGS = 4
+_SPINS_BEFORE_YIELD = 64
+_YIELDS_BEFORE_LIVENESS_CHECK = 256
+
+
+def supported() -> bool:
+    return platform.machine() in ("x86_64", "AMD64")
+
+
+class SharedSegments:
+    """This rank's mapped segment and every peer's: flags, two headers, two data buffers."""
+
+    def __init__(self, store, rank: int, size: int, capacity_bytes: int, timeout: timedelta):
+        if size + 2 > _HEADER_SLOTS:
+            raise ValueError(f"sharding.intra_node_comm=shm supports up to {_HEADER_SLOTS - 2} ranks per node, not {size}")
+        self.rank, self.size, self.capacity = rank, size, capacity_bytes
+        self.timeout_s = timeout.total_seconds()
+        self.seq = 0
+        header = _FLAGS * 8 + 2 * _HEADER_SLOTS * 8  # flags + two headers
+        self.offset = (header + 63) // 64 * 64
+        total = self.offset + 2 * capacity_bytes
+        path = os.path.join("/dev/shm", f"deepfm-{uuid.uuid4().hex}-r{rank}")
+        with open(path, "wb") as f:
+            f.truncate(total)
+        store.set(f"shm_path_{rank}", path)
+        paths = [store.get(f"shm_path_{p}").decode() for p in range(size)]
+        self.maps = [torch.from_file(p, shared=True, size=total, dtype=torch.uint8) for p in paths]
+        # Every rank has mapped every segment: the files can go (the mappings stay), so a
+        # crashed job leaves nothing in /dev/shm.
+        store.add("shm_opened", 1)
+        deadline = time.monotonic() + self.timeout_s
+        while store.add("shm_opened", 0) < size:
+            if time.monotonic() > deadline:
+                raise RuntimeError("shared-memory comms: not every rank mapped the segments in time")
+            time.sleep(0.001)
+        os.unlink(path)
+        start = _FLAGS * 8
+        self.flags = [m[:start].view(torch.int64) for m in self.maps]
+        self.headers = [[m[start + i * _HEADER_SLOTS * 8: start + (i + 1) * _HEADER_SLOTS * 8].view(torch.int64)
+                         for i in range(2)] for m in self.maps]
+        self.flags[rank][_PID] = os.getpid()
+        # A rank that leaves (an exception, sys.exit) says so, and a waiting peer stops at once
+        # instead of spinning until the timeout; a killed one is caught by the liveness check.
+        atexit.register(self._mark_exited)
+        self.data = [[m[self.offset + i * capacity_bytes: self.offset + (i + 1) * capacity_bytes] for i in range(2)]
+                     for m in self.maps]
+
+    def _mark_exited(self) -> None:
+        self.flags[self.rank][_EXITED] = 1
+
+    def _gone(self, p: int) -> bool:
+        """Rank p has left: it said so, or its process no longer runs (killed: a zombie counts)."""
+        if int(self.flags[p][_EXITED]):
+            return True
+        try:
+            with open(f"/proc/{int(self.flags[p][_PID])}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except (OSError, IndexError):
+            return True
+
+    def _wait(self, flag: int, at_least: int) -> None:
+        deadline = None
+        for p in range(self.size):
+            spins = 0
+            while int(self.flags[p][flag]) < at_least:
+                spins += 1
+                if int(self.flags[p][_EXITED]):
+                    raise RuntimeError(f"shared-memory comms: rank {p} exited before operation {at_least}")
+                if spins % _SPINS_BEFORE_YIELD == 0:
+                    os.sched_yield()
+                    if deadline is None:
+                        deadline = time.monotonic() + self.timeout_s
+                    elif time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"shared-memory comms: rank {p} did not reach operation {at_least} within "
+                            f"{self.timeout_s:.0f} s (it may have failed; see its own error)")
+                    if spins % (_SPINS_BEFORE_YIELD * _YIELDS_BEFORE_LIVENESS_CHECK) == 0 and self._gone(p):
+                        raise RuntimeError(f"shared-memory comms: rank {p} is gone (killed?) before operation "
+                                           f"{at_least}")
+
+    def exchange(self, payload: torch.Tensor | None, offsets: list[int]) -> tuple[bool, int]:
+        """Publish ``payload`` (flat uint8, or None when it does not fit) with its per-peer byte
+        ``offsets`` (W + 1 of them); wait for every peer. Returns (all fit, buffer parity)."""
+        self.seq += 1
+        parity = self.seq % 2
+        self._wait(_DONE, self.seq - 2)  # everyone is done reading what we wrote two ops ago
+        header = self.headers[self.rank][parity]
+        if payload is None:
+            header[0] = -1
+        else:
+            self.data[self.rank][parity][: payload.numel()].copy_(payload)
+            header[0] = payload.numel()
+            header[1: 2 + self.size] = torch.tensor(offsets, dtype=torch.int64)
+        self.flags[self.rank][_READY] = self.seq
+        self._wait(_READY, self.seq)
+        return all(int(self.headers[p][parity][0]) >= 0 for p in range(self.size)), parity
+
+    def finish(self) -> None:
+        self.flags[self.rank][_DONE] = self.seq
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def _completed(tensors: list[torch.Tensor]):
+    fut = torch.futures.Future()
+    fut.set_result(tensors)
+    return torch._C._distributed_c10d._create_work_from_future(fut)
+
+
+class ShmProcessGroup(dist.ProcessGroup):
+    """All-to-all and SUM all-reduce through shared memory; everything else through ``inner``
+    (a gloo backend of the same ranks)."""
+
+    def __init__(self, inner, segments: SharedSegments):
+        super().__init__(inner.rank(), inner.size())
+        self.inner, self.segments = inner, segments
+
+    def getBackendName(self) -> str:  # noqa: N802 (c10d's name)
+        return BACKEND
+
+    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts):
+        seg, world = self.segments, self.size()
+        in_rows = list(input_split_sizes) or [input.shape[0] // world] * world
+        out_rows = list(output_split_sizes) or [output.shape[0] // world] * world
+        in_row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
+        out_row_bytes = output[0].numel() * output.element_size() if output.shape[0] else 0
+        offsets = [0]
+        for rows in in_rows:
+            offsets.append(offsets[-1] + rows * in_row_bytes)
+        fits = offsets[-1] <= seg.capacity and input.device.type == "cpu"
+        all_fit, parity = seg.exchange(_flat_bytes(input) if fits else None, offsets)
+        if not all_fit:
+            seg.finish()
+            return self.inner.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
+        out = _flat_bytes(output) if output.is_contiguous() else torch.empty(output.numel() * output.element_size(),
+                                                                              dtype=torch.uint8)
+        pos = 0
+        for p in range(world):
+            start, end = int(seg.headers[p][parity][1 + self.rank()]), int(seg.headers[p][parity][2 + self.rank()])
+            if end - start != out_rows[p] * out_row_bytes:
+                seg.finish()
+                raise RuntimeError(f"all_to_all: rank {p} sends {end - start} bytes to rank {self.rank()}, "
+                                   f"which expects {out_rows[p] * out_row_bytes}")
+            out[pos: pos + end - start].copy_(seg.data[p][parity][start:end])
+            pos += end - start
+        seg.finish()
+        if not output.is_contiguous():
+            output.copy_(out.view(output.dtype).view(output.shape))
+        return _completed([output])
+
+    def allreduce(self, tensors, opts):
+        seg = self.segments
+        tensor = tensors[0] if len(tensors) == 1 else None
+        if (tensor is None or opts.reduceOp != dist.ReduceOp.SUM or not tensor.is_floating_point()
+                or tensor.device.type != "cpu" or not tensor.is_contiguous()):
+            return self.inner.allreduce(tensors, opts)
+        nbytes = tensor.numel() * tensor.element_size()
+        fits = nbytes <= seg.capacity
+        all_fit, parity = seg.exchange(_flat_bytes(tensor) if fits else None, [0] * (self.size() + 1))
+        if not all_fit:
+            seg.finish()
+            return self.inner.allreduce(tensors, opts)
+        views = [seg.data[p][parity][:nbytes].view(tensor.dtype).view(tensor.shape) for p in range(self.size())]
+        # The same order on every rank, so every replica gets bitwise the same sum.
+        tensor.copy_(views[0])
+        for v in views[1:]:
+            tensor.add_(v)
+        seg.finish()
+        return _completed(tensors)
+
+    def shutdown(self) -> None:
+        """``destroy_process_group``: this rank takes part in no further operation; say so."""
+        self.segments._mark_exited()
+        self.inner.shutdown()
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts):
+        return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
+
+
+
+def _delegate(name: str, inner_name: str):
+    def method(self, *args, **kwargs):
+        return getattr(self.inner, inner_name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"The wrapped gloo backend's ``{inner_name}``."
+    return method
+
+
+# Everything else: the wrapped gloo backend (torch 2.13 names a few ProcessGroup methods
+# differently from the Backend's: the *_single ones are the Backend's _*_base).
+for _name, _inner in [
+    ("allgather", "allgather"), ("_allgather_base", "_allgather_base"), ("all_gather_single", "_allgather_base"),
+    ("allgather_coalesced", "allgather_coalesced"), ("allreduce_coalesced", "allreduce_coalesced"),
+    ("alltoall", "alltoall"), ("barrier", "barrier"), ("monitored_barrier", "monitored_barrier"),
+    ("broadcast", "broadcast"), ("gather", "gather"), ("scatter", "scatter"), ("reduce", "reduce"),
+    ("reduce_scatter", "reduce_scatter"), ("_reduce_scatter_base", "_reduce_scatter_base"),
+    ("reduce_scatter_single", "_reduce_scatter_base"), ("send", "send"), ("recv", "recv"),
+    ("recv_anysource", "recv_anysource"),
+]:
+    setattr(ShmProcessGroup, _name, _delegate(_name, _inner))
+
+
+_capacity_bytes = 64 * 2**20
+"""Buffer size of the groups this process makes (``new_shm_group`` sets it; TorchRec may make
+further groups with this backend, e.g. intra-node subgroups, which get the same size)."""
+groups_created = 0
+"""How many shared-memory groups this process made (for logs and tests)."""
+
+
+def _create(store, rank: int, size: int, timeout: timedelta) -> ShmProcessGroup:
+    """c10d's creator for this backend: a gloo backend for the collectives shared memory does
+    not serve, and this group's segments, both set up through the group's own store."""
+    inner = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, timeout)
+    segments = SharedSegments(dist.PrefixStore("shm", store), rank, size, _capacity_bytes, timeout)
+    return ShmProcessGroup(inner, segments)
+
+
+def new_shm_group(capacity_mb: float, timeout: timedelta = timedelta(minutes=30)) -> dist.ProcessGroup:
+    """A group of every rank whose all-to-alls and SUM all-reduces go through shared memory
+    (collective: every rank calls it, in the same order as its other new_group calls)."""
+    global _capacity_bytes, groups_created
+    if BACKEND not in dist.Backend.backend_list:
+        dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
+    _capacity_bytes = int(capacity_mb * 2**20)
+    group = dist.new_group(backend=BACKEND, timeout=timeout)
+    groups_created += 1
+    return group

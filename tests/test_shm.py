@@ -1,0 +1,102 @@
+"""Shared-memory comms (distributed/shm.py) on 2 real CPU ranks against gloo, op for op."""
+
+from __future__ import annotations
+
+import glob
+import time
+
+import pytest
+import torch
+
+from deepfm_dist.distributed import shm
+from tests.distributed_helpers import launch
+
+pytestmark = pytest.mark.skipif(not shm.supported(), reason="shared-memory comms are x86-64 only")
+
+
+def _ops_worker() -> dict:
+    import torch.distributed as dist
+
+    from deepfm_dist.distributed.env import destroy, init_distributed
+
+    env = init_distributed("cpu")
+    torch.set_num_threads(1)
+    fast = shm.new_shm_group(capacity_mb=1.0)  # 1 MiB: the larger operations below fall back
+    rank, world = env.rank, env.world_size
+    g = torch.Generator().manual_seed(100 + rank)
+    checked = {"a2a": 0, "a2a_fallback": 0, "allreduce": 0, "delegated": 0}
+    for step in range(40):
+        # Uneven splits agreed on through a gloo all-to-all of the sizes (as TorchRec does).
+        send = torch.randint(0, 50, (world,), generator=g)
+        if step % 10 == 9:
+            send[1 - rank] = 40_000 if rank == 0 else 3  # rank 0's payload > 1 MiB, rank 1's tiny
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        dtype = [torch.float32, torch.int64, torch.int32, torch.bfloat16][step % 4]
+        x = (torch.randn(int(send.sum()), 5, generator=g) * 100).to(dtype)
+        ref, out = (torch.empty(int(recv.sum()), 5, dtype=dtype) for _ in range(2))
+        dist.all_to_all_single(ref, x, recv.tolist(), send.tolist())
+        work = dist.all_to_all_single(out, x, recv.tolist(), send.tolist(), group=fast, async_op=True)
+        work.wait()
+        assert torch.equal(out, ref), (rank, step, dtype)
+        checked["a2a_fallback" if step % 10 == 9 else "a2a"] += 1
+
+        y = torch.randn(1000 + step, generator=g)
+        ref_sum, got = y.clone(), y.clone()
+        dist.all_reduce(ref_sum)
+        dist.all_reduce(got, group=fast)
+        assert torch.equal(got, ref_sum), (rank, step)  # 2 ranks: a + b, exactly as gloo
+        checked["allreduce"] += 1
+
+        m = torch.randn(7, generator=g)  # not SUM: handed to gloo
+        ref_max, got_max = m.clone(), m.clone()
+        dist.all_reduce(ref_max, op=dist.ReduceOp.MAX)
+        dist.all_reduce(got_max, op=dist.ReduceOp.MAX, group=fast)
+        assert torch.equal(got_max, ref_max)
+        checked["delegated"] += 1
+    gathered = [torch.empty(3) for _ in range(world)]
+    dist.all_gather(gathered, torch.full((3,), float(rank)), group=fast)  # delegated
+    assert [int(t[0]) for t in gathered] == list(range(world))
+    dist.barrier(group=fast)
+    backend = dist.get_backend(fast)
+    destroy()
+    return {"checked": checked, "backend": backend}
+
+
+def test_all_to_all_and_all_reduce_equal_gloo_with_fallback_and_delegation():
+    before = set(glob.glob("/dev/shm/deepfm-*"))
+    results = launch(_ops_worker, (), nproc=2)
+    for rank in (0, 1):
+        assert results[rank]["backend"] == shm.BACKEND
+        assert results[rank]["checked"] == {"a2a": 36, "a2a_fallback": 4, "allreduce": 40, "delegated": 40}
+    assert set(glob.glob("/dev/shm/deepfm-*")) == before, "segments are unlinked once every rank mapped them"
+
+
+def _peer_leaves_worker() -> str:
+    import torch.distributed as dist
+
+    from deepfm_dist.distributed.env import destroy, init_distributed
+
+    env = init_distributed("cpu")
+    fast = shm.new_shm_group(capacity_mb=1.0)
+    x = torch.ones(4)
+    dist.all_reduce(x, group=fast)
+    if env.rank == 1:
+        destroy()
+        return "left"  # exits without joining the next collective
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(x, group=fast)
+    except RuntimeError as e:
+        return f"{time.monotonic() - t0:.1f} s: {e}"
+    finally:
+        destroy()
+    return "no error"
+
+
+def test_a_peer_that_exits_stops_the_waiting_rank_at_once():
+    results = launch(_peer_leaves_worker, (), nproc=2)
+    assert results[1] == "left"
+    seconds, message = results[0].split(" s: ", 1)
+    assert "rank 1" in message and ("exited" in message or "gone" in message), results[0]
+    assert float(seconds) < 20, results[0]
