@@ -6,8 +6,9 @@
 A table-wise step exchanges, per rank: three small all-to-alls (the input dist's splits, KJT
 lengths and ids), the pooled embeddings forward and their gradients backward (B x K x W fp32:
 the per-rank batch, the sparse fields, the table row width), and one all-reduce of the dense
-gradients (the model's dense parameters, DDP's bucket). Each is timed here on its own, with the
-ranks set up as in training (threads, pinning, backend; CUDA synchronised before the clock),
+gradients (the model's dense parameters, DDP's bucket). Each is timed here on its own, on the
+group the sharded model uses (``sharding.intra_node_comm``: shared memory or gloo on CPU, NCCL
+on GPU), with the ranks set up as in training (threads, pinning; CUDA synchronised before the clock),
 as a mean over ``--steps`` calls after ``--warmup``. ``samples_per_s`` in the JSON line is what a
 step would reach if it did nothing but these collectives, back to back on otherwise idle cores:
 an upper bound for the process group, to compare with ``step`` (see
@@ -26,7 +27,9 @@ import torch.distributed as dist
 
 from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, parse
+from deepfm_dist.distributed import shm
 from deepfm_dist.distributed.env import destroy, init_distributed, setup_cpu_rank
+from deepfm_dist.distributed.sharding import sharding_process_group
 from deepfm_dist.model.build import build_deepfm
 from deepfm_dist.model.deepfm import table_dim
 
@@ -47,11 +50,16 @@ def step_collectives(cfg, world: int) -> list[tuple[str, str, int, int, torch.dt
 
 
 def time_collective(kind: str, numel: int, dtype: torch.dtype, world: int, device: torch.device, warmup: int,
-                    steps: int) -> list[float]:
+                    steps: int, group) -> list[float]:
     per = max(1, numel // world)
     x = torch.ones(per * world, device=device, dtype=dtype)
     y = torch.empty_like(x)
-    run = (lambda: dist.all_to_all_single(y, x)) if kind == "all_to_all" else (lambda: dist.all_reduce(x))
+    if kind == "all_to_all":
+        def run():
+            dist.all_to_all_single(y, x, group=group)
+    else:
+        def run():
+            dist.all_reduce(x, group=group)
     for _ in range(warmup):
         run()
     dist.barrier()
@@ -72,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(cfg.train.device)
     try:
         threads, _ = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)
+        # The group the sharded model would use (sharding.intra_node_comm).
+        group = sharding_process_group(cfg, env)
+        transport = "shared memory (+ gloo)" if shm.groups_created else env.backend
         rows, step_s = [], 0.0
         for name, kind, count, numel, dtype in step_collectives(cfg, env.world_size):
-            times = time_collective(kind, numel, dtype, env.world_size, env.device, args.warmup, args.steps)
+            times = time_collective(kind, numel, dtype, env.world_size, env.device, args.warmup, args.steps, group)
             # Every rank's mean; the slowest decides (a collective ends when its last rank does).
             mean = torch.tensor([sum(times) / len(times)], dtype=torch.float64)
             if env.world_size > 1:
@@ -92,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mb": max(p["peak_rss_mb"] for p in peaks),
                 "peak_rss_mb_per_rank": [round(p["peak_rss_mb"], 1) for p in peaks],
                 "collectives_ms_per_step": step_s * 1e3, "threads_per_rank": threads, "backend": env.backend,
+                "transport": transport,
                 "collectives": [{"name": r[0], "kind": r[1], "per_step": r[2], "bytes": r[3], "ms_mean": r[4],
                                  "ms_p50": r[5], "ms_p90": r[6]} for r in rows],
             }
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 [f"{'collective':<30} {'kind':<11} {'per step':>8} {'bytes':>12} {'ms mean':>8} {'p50':>7} {'p90':>7}"]
                 + [f"{r[0]:<30} {r[1]:<11} {r[2]:>8} {r[3]:>12,} {r[4]:>8.3f} {r[5]:>7.3f} {r[6]:>7.3f}" for r in rows]
                 + [f"{'one step (sum x per step)':<30} {'':<11} {'':>8} {'':>12} {step_s * 1e3:>8.3f}"])
-            setup = [("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {env.backend}, {env.device.type}; "
+            setup = [("run", f"{env.world_size} rank(s) x {threads or 1} thread(s), {transport}, {env.device.type}; "
                              f"pinned: {cfg.train.pin_cpus}; batch {cfg.train.batch_size}/rank; "
                              f"{args.warmup} warm-up + {args.steps} timed calls per collective")]
             report.emit("comm", env.world_size, summary=summary, per_rank=None, setup=setup,
