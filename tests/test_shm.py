@@ -100,3 +100,13 @@ def test_a_peer_that_exits_stops_the_waiting_rank_at_once():
     seconds, message = results[0].split(" s: ", 1)
     assert "rank 1" in message and ("exited" in message or "gone" in message), results[0]
     assert float(seconds) < 20, results[0]
+
+
+def test_too_little_shared_memory_is_found_before_any_segment(monkeypatch):
+    """A container's small /dev/shm: the check says no (auto then keeps gloo) and says why."""
+    need_one = shm.segment_bytes(32 * 2**20)
+    monkeypatch.setattr(shm, "free_bytes", lambda: 2 * need_one - 1)
+    ok, found = shm.room_on_every_rank(32, local_world_size=2)
+    assert not ok and "MiB free" in found and "need" in found
+    monkeypatch.setattr(shm, "free_bytes", lambda: 2 * need_one)
+    assert shm.room_on_every_rank(32, local_world_size=2)[0]

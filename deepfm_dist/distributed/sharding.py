@@ -322,7 +322,15 @@ def sharding_process_group(cfg: Config, env: DistEnv) -> torch.distributed.Proce
             f"rank(s), {env.local_world_size} on this node, device {env.device.type}, {shm.platform.machine()}"
         )
     if mode == "shm" or (mode == "auto" and usable and shm.supported()):
-        return shm.new_shm_group(cfg.sharding.shm_buffer_mb)
+        room, found = shm.room_on_every_rank(cfg.sharding.shm_buffer_mb, env.local_world_size)
+        if room:
+            return shm.new_shm_group(cfg.sharding.shm_buffer_mb)
+        if mode == "shm":
+            raise ValueError(f"sharding.intra_node_comm='shm': not enough shared memory on every node ({found}); "
+                             f"lower sharding.shm_buffer_mb or use gloo")
+        if env.is_main:
+            print(f"deepfm: sharding.intra_node_comm=auto: using gloo, not shared memory ({found}; "
+                  f"see sharding.shm_buffer_mb)", flush=True)
     return torch.distributed.GroupMember.WORLD
 
 

@@ -47,8 +47,22 @@ _SPINS_BEFORE_YIELD = 64
 _YIELDS_BEFORE_LIVENESS_CHECK = 256
 
 
+SHM_DIR = "/dev/shm"
+
+
 def supported() -> bool:
-    return platform.machine() in ("x86_64", "AMD64")
+    return platform.machine() in ("x86_64", "AMD64") and os.path.isdir(SHM_DIR)
+
+
+def segment_bytes(capacity_bytes: int) -> int:
+    """One rank's segment: flags and headers, then two data buffers."""
+    header = _FLAGS * 8 + 2 * _HEADER_SLOTS * 8
+    return (header + 63) // 64 * 64 + 2 * capacity_bytes
+
+
+def free_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
 
 
 class SharedSegments:
@@ -60,12 +74,18 @@ class SharedSegments:
         self.rank, self.size, self.capacity = rank, size, capacity_bytes
         self.timeout_s = timeout.total_seconds()
         self.seq = 0
-        header = _FLAGS * 8 + 2 * _HEADER_SLOTS * 8  # flags + two headers
-        self.offset = (header + 63) // 64 * 64
-        total = self.offset + 2 * capacity_bytes
-        path = os.path.join("/dev/shm", f"deepfm-{uuid.uuid4().hex}-r{rank}")
+        total = segment_bytes(capacity_bytes)
+        self.offset = total - 2 * capacity_bytes
+        path = os.path.join(SHM_DIR, f"deepfm-{uuid.uuid4().hex}-r{rank}")
         with open(path, "wb") as f:
-            f.truncate(total)
+            # Reserve the pages now: a tmpfs that fills up later would kill the process with
+            # SIGBUS on first touch instead of an error here.
+            try:
+                os.posix_fallocate(f.fileno(), 0, total)
+            except OSError as e:
+                os.unlink(path)
+                raise RuntimeError(f"shared-memory comms: cannot reserve {total / 2**20:.0f} MiB in {SHM_DIR} "
+                                   f"({e}); lower sharding.shm_buffer_mb or use sharding.intra_node_comm=gloo") from e
         store.set(f"shm_path_{rank}", path)
         paths = [store.get(f"shm_path_{p}").decode() for p in range(size)]
         self.maps = [torch.from_file(p, shared=True, size=total, dtype=torch.uint8) for p in paths]
@@ -262,9 +282,21 @@ def _create(store, rank: int, size: int, timeout: timedelta) -> ShmProcessGroup:
     return ShmProcessGroup(inner, segments)
 
 
+def room_on_every_rank(capacity_mb: float, local_world_size: int) -> tuple[bool, str]:
+    """Whether /dev/shm on every rank's node holds the segments of all its local ranks (a
+    collective on the default group, so the ranks agree); and a line saying what was found."""
+    need = segment_bytes(int(capacity_mb * 2**20)) * local_world_size
+    have = free_bytes()
+    ok = torch.tensor([1 if have >= need else 0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item()), f"{SHM_DIR} has {have / 2**20:,.0f} MiB free here, the segments need {need / 2**20:,.0f} MiB"
+
+
 def new_shm_group(capacity_mb: float, timeout: timedelta = timedelta(minutes=30)) -> dist.ProcessGroup:
     """A group of every rank whose all-to-alls and SUM all-reduces go through shared memory
-    (collective: every rank calls it, in the same order as its other new_group calls)."""
+    (collective: every rank calls it, in the same order as its other new_group calls). Check
+    ``room_on_every_rank`` first."""
     global _capacity_bytes, groups_created
     if BACKEND not in dist.Backend.backend_list:
         dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
