@@ -88,7 +88,18 @@ class SharedSegments:
                                    f"({e}); lower sharding.shm_buffer_mb or use sharding.intra_node_comm=gloo") from e
         store.set(f"shm_path_{rank}", path)
         paths = [store.get(f"shm_path_{p}").decode() for p in range(size)]
+        for p, peer in enumerate(paths):
+            if not os.path.exists(peer):  # ranks that do not share this /dev/shm (separate containers)
+                raise RuntimeError(f"shared-memory comms: rank {p}'s segment {peer} is not visible to rank {rank}; "
+                                   f"use sharding.intra_node_comm=gloo")
         self.maps = [torch.from_file(p, shared=True, size=total, dtype=torch.uint8) for p in paths]
+        start = _FLAGS * 8
+        self.flags = [m[:start].view(torch.int64) for m in self.maps]
+        self.headers = [[m[start + i * _HEADER_SLOTS * 8: start + (i + 1) * _HEADER_SLOTS * 8].view(torch.int64)
+                         for i in range(2)] for m in self.maps]
+        self.data = [[m[self.offset + i * capacity_bytes: self.offset + (i + 1) * capacity_bytes] for i in range(2)]
+                     for m in self.maps]
+        self.flags[rank][_PID] = os.getpid()  # before the barrier below: every peer sees it after
         # Every rank has mapped every segment: the files can go (the mappings stay), so a
         # crashed job leaves nothing in /dev/shm.
         store.add("shm_opened", 1)
@@ -98,16 +109,10 @@ class SharedSegments:
                 raise RuntimeError("shared-memory comms: not every rank mapped the segments in time")
             time.sleep(0.001)
         os.unlink(path)
-        start = _FLAGS * 8
-        self.flags = [m[:start].view(torch.int64) for m in self.maps]
-        self.headers = [[m[start + i * _HEADER_SLOTS * 8: start + (i + 1) * _HEADER_SLOTS * 8].view(torch.int64)
-                         for i in range(2)] for m in self.maps]
-        self.flags[rank][_PID] = os.getpid()
-        # A rank that leaves (an exception, sys.exit) says so, and a waiting peer stops at once
-        # instead of spinning until the timeout; a killed one is caught by the liveness check.
+        # A rank that leaves (an exception, sys.exit, destroy_process_group) says so, and a
+        # waiting peer stops at once instead of spinning until the timeout; a killed one is
+        # caught by the liveness check.
         atexit.register(self._mark_exited)
-        self.data = [[m[self.offset + i * capacity_bytes: self.offset + (i + 1) * capacity_bytes] for i in range(2)]
-                     for m in self.maps]
 
     def _mark_exited(self) -> None:
         self.flags[self.rank][_EXITED] = 1
