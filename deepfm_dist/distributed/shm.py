@@ -94,8 +94,11 @@ class SharedSegments:
                                    f"use sharding.intra_node_comm=gloo")
         self.maps = [torch.from_file(p, shared=True, size=total, dtype=torch.uint8) for p in paths]
         start = _FLAGS * 8
-        self.flags = [m[:start].view(torch.int64) for m in self.maps]
-        self.headers = [[m[start + i * _HEADER_SLOTS * 8: start + (i + 1) * _HEADER_SLOTS * 8].view(torch.int64)
+        # Flags and headers as numpy views of the same pages: a scalar read or write there is
+        # ~0.1 us, against a few us through torch indexing (a step runs ~6 operations, each
+        # touching them dozens of times).
+        self.flags = [m[:start].view(torch.int64).numpy() for m in self.maps]
+        self.headers = [[m[start + i * _HEADER_SLOTS * 8: start + (i + 1) * _HEADER_SLOTS * 8].view(torch.int64).numpy()
                          for i in range(2)] for m in self.maps]
         self.data = [[m[self.offset + i * capacity_bytes: self.offset + (i + 1) * capacity_bytes] for i in range(2)]
                      for m in self.maps]
@@ -159,7 +162,7 @@ class SharedSegments:
         else:
             self.data[self.rank][parity][: payload.numel()].copy_(payload)
             header[0] = payload.numel()
-            header[1: 2 + self.size] = torch.tensor(offsets, dtype=torch.int64)
+            header[1: 2 + self.size] = offsets
         self.flags[self.rank][_READY] = self.seq
         self._wait(_READY, self.seq)
         return all(int(self.headers[p][parity][0]) >= 0 for p in range(self.size)), parity
