@@ -110,3 +110,37 @@ def test_too_little_shared_memory_is_found_before_any_segment(monkeypatch):
     assert not ok and "MiB free" in found and "need" in found
     monkeypatch.setattr(shm, "free_bytes", lambda: 2 * need_one)
     assert shm.room_on_every_rank(32, local_world_size=2)[0]
+
+
+def _repeat_worker() -> list[float]:
+    import gc
+
+    import torch.distributed as dist
+
+    from deepfm_dist.distributed.env import destroy, init_distributed
+
+    init_distributed("cpu")
+    base = shm.free_bytes()
+    held = []
+    for _ in range(2):
+        group = shm.new_shm_group(capacity_mb=4.0)
+        x = torch.ones(8)
+        dist.all_reduce(x, group=group)
+        assert torch.equal(x, torch.full((8,), 2.0))
+        reserved = base - shm.free_bytes()
+        dist.destroy_process_group(group)  # this group alone
+        del group
+        gc.collect()
+        dist.barrier()
+        held.append((reserved, base - shm.free_bytes()))
+    destroy()
+    return held
+
+
+def test_destroying_a_group_releases_its_segments():
+    """A process that shards models repeatedly (notebooks, tests) does not accumulate segments."""
+    held = launch(_repeat_worker, (), nproc=2)[0]
+    segments = 2 * shm.segment_bytes(4 * 2**20)
+    for reserved, after in held:
+        assert reserved >= segments * 0.99, (reserved, segments)
+        assert after < segments / 4, (after, segments)

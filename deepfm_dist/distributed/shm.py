@@ -118,7 +118,13 @@ class SharedSegments:
         atexit.register(self._mark_exited)
 
     def _mark_exited(self) -> None:
-        self.flags[self.rank][_EXITED] = 1
+        if self.flags is not None:
+            self.flags[self.rank][_EXITED] = 1
+
+    def release(self) -> None:
+        """Say this rank has left, then drop the mappings (the pages go once no rank maps them)."""
+        self._mark_exited()
+        self.flags = self.headers = self.data = self.maps = None
 
     def _gone(self, p: int) -> bool:
         """Rank p has left: it said so, or its process no longer runs (killed: a zombie counts)."""
@@ -185,9 +191,14 @@ class ShmProcessGroup(dist.ProcessGroup):
     """All-to-all and SUM all-reduce through shared memory; everything else through ``inner``
     (a gloo backend of the same ranks)."""
 
-    def __init__(self, inner, segments: SharedSegments):
+    def __init__(self, inner, segments: SharedSegments, name: str = ""):
         super().__init__(inner.rank(), inner.size())
-        self.inner, self.segments = inner, segments
+        self.inner, self.segments, self._name = inner, segments, name
+
+    @property
+    def group_name(self) -> str:
+        # c10d keeps a group's name in its backends, and this group has none of its own.
+        return self._name
 
     def getBackendName(self) -> str:  # noqa: N802 (c10d's name)
         return BACKEND
@@ -243,8 +254,9 @@ class ShmProcessGroup(dist.ProcessGroup):
         return _completed(tensors)
 
     def shutdown(self) -> None:
-        """``destroy_process_group``: this rank takes part in no further operation; say so."""
-        self.segments._mark_exited()
+        """``destroy_process_group``: this rank takes part in no further operation; say so and
+        unmap (a process that shards models repeatedly does not accumulate segments)."""
+        self.segments.release()
         self.inner.shutdown()
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts):
@@ -282,12 +294,14 @@ groups_created = 0
 """How many shared-memory groups this process made (for logs and tests)."""
 
 
-def _create(store, rank: int, size: int, timeout: timedelta) -> ShmProcessGroup:
-    """c10d's creator for this backend: a gloo backend for the collectives shared memory does
-    not serve, and this group's segments, both set up through the group's own store."""
+def _create(opts, _backend_options) -> ShmProcessGroup:
+    """c10d's creator for this backend (extended API: it gets the group's name, which
+    ``destroy_process_group(group)`` needs): a gloo backend for the collectives shared memory
+    does not serve, and this group's segments, both set up through the group's own store."""
+    store, rank, size, timeout = opts.store, opts.group_rank, opts.group_size, opts.timeout
     inner = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, timeout)
     segments = SharedSegments(dist.PrefixStore("shm", store), rank, size, _capacity_bytes, timeout)
-    return ShmProcessGroup(inner, segments)
+    return ShmProcessGroup(inner, segments, name=opts.group_id)
 
 
 def room_on_every_rank(capacity_mb: float, local_world_size: int) -> tuple[bool, str]:
@@ -307,7 +321,7 @@ def new_shm_group(capacity_mb: float, timeout: timedelta = timedelta(minutes=30)
     ``room_on_every_rank`` first."""
     global _capacity_bytes, groups_created
     if BACKEND not in dist.Backend.backend_list:
-        dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
+        dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
     _capacity_bytes = int(capacity_mb * 2**20)
     group = dist.new_group(backend=BACKEND, timeout=timeout)
     groups_created += 1
