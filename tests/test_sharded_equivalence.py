@@ -211,7 +211,7 @@ def test_two_ranks_match_single_process(sharding_type, rich, comm):
 
     results = launch(rank_worker, (sharding_type, rich, comm), nproc=2)
     # auto takes shared memory where it can: x86-64 and room in /dev/shm for both ranks' segments.
-    room = shm.supported() and shm.free_bytes() >= 2 * shm.segment_bytes(int(Config().sharding.shm_buffer_mb * 2**20))
+    room = shm.supported() and shm.room_on_every_rank(Config().sharding.shm_buffer_mb, local_world_size=2)[0]
     assert results[0]["shm"] == results[1]["shm"] == (comm == "shm" or (comm == "auto" and room))
     ref_losses, ref_tables, ref_dense = reference(make_config(sharding_type, rich), rich)
     if rich:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         threads, _ = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)
         # The group the sharded model would use (sharding.intra_node_comm).
         group = sharding_process_group(cfg, env)
-        transport = "shared memory (+ gloo)" if shm.groups_created else env.backend
+        transport = "shared memory (+ gloo)" if isinstance(group, shm.ShmProcessGroup) else env.backend
         rows, step_s = [], 0.0
         for name, kind, count, numel, dtype in step_collectives(cfg, env.world_size):
             times = time_collective(kind, numel, dtype, env.world_size, env.device, args.warmup, args.steps, group)

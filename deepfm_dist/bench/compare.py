@@ -65,14 +65,19 @@ def command(mode: str, nproc: int, args: list[str]) -> list[str]:
             f"--nproc_per_node={nproc}", "--local-ranks-filter=0", "-m", "deepfm_dist.bench", mode, *args]
 
 
+def _logged_result(log: str, cmd: list[str], stdout: str, stderr: str) -> dict[str, Any] | None:
+    """Write a run's command and output to ``log``; its final JSON object, if it printed one."""
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n" + stdout + "\n--- stderr ---\n" + stderr)
+    return _last_json(stdout)
+
+
 def run_once(name: str, cmd: list[str], env: dict[str, str], log_dir: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     for attempt in range(2):  # one more try if the run failed to start (e.g. a port taken meanwhile)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         log = os.path.join(log_dir, f"{name}.log" if attempt == 0 else f"{name}.again.log")
-        with open(log, "w") as f:
-            f.write("$ " + " ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-        result = _last_json(proc.stdout)
+        result = _logged_result(log, cmd, proc.stdout, proc.stderr)
         if proc.returncode == 0 and result is not None:
             break
     else:
@@ -102,9 +107,7 @@ def run_concurrent(name: str, cmd: list[str], copies: int, cores_each: int, env:
     for i, proc in enumerate(procs):
         stdout, stderr = proc.communicate()
         log = os.path.join(log_dir, f"{name}_{i}.log")
-        with open(log, "w") as f:
-            f.write("$ " + " ".join(cmd) + "\n" + stdout + "\n--- stderr ---\n" + stderr)
-        result = _last_json(stdout)
+        result = _logged_result(log, proc.args, stdout, stderr)
         if proc.returncode != 0 or result is None:
             raise RuntimeError(f"bench compare: {name} copy {i} failed (exit {proc.returncode}); log {log}")
         results.append(result)

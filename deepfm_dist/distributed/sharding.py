@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 from dataclasses import dataclass
 
@@ -314,14 +315,15 @@ def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
 def sharding_process_group(cfg: Config, env: DistEnv) -> torch.distributed.ProcessGroup:
     """The group of the sharded model's collectives (``sharding.intra_node_comm``): shared memory
     for CPU ranks that are all on this node, else the default group. Every rank calls it."""
-    usable = env.device.type == "cpu" and env.world_size > 1 and env.world_size == env.local_world_size
+    available = (env.device.type == "cpu" and env.world_size > 1 and env.world_size == env.local_world_size
+                 and shm.supported())
     mode = cfg.sharding.intra_node_comm
-    if mode == "shm" and not (usable and shm.supported()):
+    if mode == "shm" and not available:
         raise ValueError(
             f"sharding.intra_node_comm='shm' needs CPU ranks all on one x86-64 node; here: {env.world_size} "
-            f"rank(s), {env.local_world_size} on this node, device {env.device.type}, {shm.platform.machine()}"
+            f"rank(s), {env.local_world_size} on this node, device {env.device.type}, {platform.machine()}"
         )
-    if mode == "shm" or (mode == "auto" and usable and shm.supported()):
+    if mode == "shm" or (mode == "auto" and available):
         room, found = shm.room_on_every_rank(cfg.sharding.shm_buffer_mb, env.local_world_size)
         if room:
             return shm.new_shm_group(cfg.sharding.shm_buffer_mb)

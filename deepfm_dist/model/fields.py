@@ -51,13 +51,13 @@ class _GatherFields(torch.autograd.Function):
         # Summed in field order, as the unfused model did: the same result whatever the plan's
         # key order (floating-point sums depend on the order).
         first_order = rows[:, :, dim].index_select(1, order_index).sum(dim=1)
-        ctx.meta = (batch, width, num_dense, order, dim, dense_fields is not None)
+        ctx.meta = (batch, width, num_dense, order, dim)
         ctx.save_for_backward(order_index)
         return fields, first_order
 
     @staticmethod
     def backward(ctx, grad_fields: torch.Tensor, grad_first: torch.Tensor):
-        batch, width, num_dense, order, dim, has_dense = ctx.meta
+        batch, width, num_dense, order, dim = ctx.meta
         (order_index,) = ctx.saved_tensors
         grad_rows = grad_fields.new_zeros(batch, len(order), width)
         if _per_field_copies(grad_fields):
@@ -66,7 +66,7 @@ class _GatherFields(torch.autograd.Function):
         else:
             grad_rows[:, :, :dim].index_copy_(1, order_index, grad_fields[:, num_dense:])
         grad_rows[:, :, dim].copy_(grad_first.unsqueeze(1).expand(batch, len(order)))
-        grad_dense = grad_fields[:, :num_dense] if has_dense and ctx.needs_input_grad[1] else None
+        grad_dense = grad_fields[:, :num_dense] if ctx.needs_input_grad[1] else None  # False without dense fields
         return grad_rows.view(batch, len(order) * width), grad_dense, None, None, None
 
 
