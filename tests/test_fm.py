@@ -182,55 +182,88 @@ def test_bf16_on_a_cpu_without_native_bf16_names_the_key(monkeypatch):
 
 
 @pytest.mark.parametrize("per_field_copies", [True, False], ids=["cpu_copies", "gpu_index_select"])
-def test_gather_fields_equals_stack_and_cat_bit_for_bit(per_field_copies, monkeypatch):
-    """The fused field assembly against the composition it replaces (to_dict, stack, slices,
-    cat): keys in another order than the fields (as after sharding), two collections (plain +
-    weighted), with and without dense fields; values and gradients identical, and padding
-    columns get a zero gradient. Both forms: per-field copies (CPU) and the one-kernel
-    index_select / index_copy_ (GPU), here both on CPU tensors."""
+def test_field_interactions_equal_the_unfused_composition(per_field_copies, monkeypatch):
+    """The fused node (field assembly + dense fields + first order + FM term) against the
+    composition it replaces: to_dict, stack, slices, cat, ``x_i * e_i``, ``x . w`` and the
+    brute-force FM double loop. Keys in another order than the fields (as after sharding), two
+    collections (plain + weighted), with and without dense fields; the fields are bit for bit
+    the same, the wide term and every gradient (rows, dense values, vectors, weights) equal to
+    float64 rounding, and padding columns get a zero gradient. Both forms: per-field copies
+    (CPU) and index_select / index_copy_ (GPU), here both on CPU tensors."""
     from torchrec import KeyedTensor
 
     from deepfm_dist.model import fields as fields_module
-    from deepfm_dist.model.fields import gather_fields
+    from deepfm_dist.model.fields import field_interactions
 
     monkeypatch.setattr(fields_module, "PER_FIELD_COPIES_ON", ("cpu",) if per_field_copies else ())
 
     g = torch.Generator().manual_seed(3)
     b, d, w = 6, 5, 8
     features = ["a", "b", "c", "d", "e"]
-    for split, with_dense in [(["c", "a", "e", "b", "d"], None), (["d", "b"], ["e", "a", "c"]), (["b", "c", "a", "e", "d"], 3)]:
-        groups = [split] if with_dense is None or isinstance(with_dense, int) else [split, with_dense]
-        nd = with_dense if isinstance(with_dense, int) else 0
-        vals = [torch.randn(b, len(keys) * w, generator=g, dtype=torch.float64, requires_grad=True) for keys in groups]
-        dense = torch.randn(b, nd, d, generator=g, dtype=torch.float64, requires_grad=True) if nd else None
+    f64 = dict(generator=g, dtype=torch.float64)
+    for split, second, nd in [(["c", "a", "e", "b", "d"], None, 0), (["d", "b"], ["e", "a", "c"], 0),
+                              (["b", "c", "a", "e", "d"], None, 3), (["d", "b"], ["e", "a", "c"], 2)]:
+        groups = [split] if second is None else [split, second]
+        vals = [torch.randn(b, len(keys) * w, **f64, requires_grad=True) for keys in groups]
+        dense_args = []
+        if nd:
+            dense_args = [torch.randn(b, nd, **f64, requires_grad=True), torch.randn(nd, d, **f64, requires_grad=True),
+                          torch.randn(nd, **f64, requires_grad=True)]
         kts = [KeyedTensor(keys=keys, length_per_key=[w] * len(keys), values=v) for keys, v in zip(groups, vals)]
-        fields, first = gather_fields(kts, features, d, dense)
+        fields, wide = field_interactions(kts, features, d, *dense_args)
 
         by_name = {}
         for kt in kts:
             by_name.update(kt.to_dict())
         rows = torch.stack([by_name[f] for f in features], dim=1)
-        ref_fields = rows[:, :, :d] if dense is None else torch.cat([dense, rows[:, :, :d]], dim=1)
-        ref_first = rows[:, :, d].sum(dim=1)
+        ref_fields, ref_wide = rows[:, :, :d], rows[:, :, d].sum(dim=1)
+        if nd:
+            x, vectors, weights = dense_args
+            ref_fields = torch.cat([x.unsqueeze(-1) * vectors, ref_fields], dim=1)
+            ref_wide = ref_wide + x @ weights
+        ref_wide = ref_wide + brute_force_fm(ref_fields)
         assert fields.is_contiguous() and fields.shape == (b, nd + len(features), d)
-        assert torch.equal(fields, ref_fields) and torch.equal(first, ref_first)
+        assert torch.equal(fields, ref_fields)
+        torch.testing.assert_close(wide, ref_wide, rtol=1e-12, atol=1e-12)
 
-        gf = torch.randn(fields.shape, generator=g, dtype=torch.float64)
-        gw = torch.randn(b, generator=g, dtype=torch.float64)
-        leaves = vals + ([dense] if dense is not None else [])
-        ours = torch.autograd.grad((fields * gf).sum() + (first * gw).sum(), leaves)
-        ref = torch.autograd.grad((ref_fields * gf).sum() + (ref_first * gw).sum(), leaves)
+        gf = torch.randn(fields.shape, **f64)
+        gw = torch.randn(b, **f64)
+        leaves = vals + dense_args
+        ours = torch.autograd.grad((fields * gf).sum() + (wide * gw).sum(), leaves)
+        ref = torch.autograd.grad((ref_fields * gf).sum() + (ref_wide * gw).sum(), leaves, retain_graph=True)
         for x, y in zip(ours, ref):
-            assert torch.equal(x, y)
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
         for v in ours[: len(vals)]:
             assert torch.count_nonzero(v.view(b, -1, w)[:, :, d + 1:]) == 0, "padding columns get no gradient"
+        # Only the wide term used (no MLP), and only the fields used (no FM): None gradients in.
+        only_wide = torch.autograd.grad(field_interactions(kts, features, d, *dense_args)[1].sum(), vals[0])[0]
+        torch.testing.assert_close(only_wide, torch.autograd.grad(ref_wide.sum(), vals[0], retain_graph=True)[0],
+                                   rtol=1e-12, atol=1e-12)
+        only_fields = torch.autograd.grad(field_interactions(kts, features, d, *dense_args)[0].sum(), vals[0])[0]
+        torch.testing.assert_close(only_fields, torch.autograd.grad(ref_fields.sum(), vals[0])[0], rtol=0, atol=0)
 
 
-def test_gather_fields_rejects_keys_that_are_not_the_fields():
+def test_field_interactions_gradcheck():
     from torchrec import KeyedTensor
 
-    from deepfm_dist.model.fields import gather_fields
+    from deepfm_dist.model.fields import field_interactions
+
+    g = torch.Generator().manual_seed(5)
+    vals = torch.randn(3, 2 * 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x, vec, wts = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in [(3, 2), (2, 3), (2,)])
+
+    def f(vals, x, vec, wts):
+        kt = KeyedTensor(keys=["b", "a"], length_per_key=[4, 4], values=vals)
+        return field_interactions([kt], ["a", "b"], 3, x, vec, wts)
+
+    assert torch.autograd.gradcheck(f, (vals, x, vec, wts))
+
+
+def test_field_interactions_reject_keys_that_are_not_the_fields():
+    from torchrec import KeyedTensor
+
+    from deepfm_dist.model.fields import field_interactions
 
     kt = KeyedTensor(keys=["a", "x"], length_per_key=[4, 4], values=torch.zeros(2, 8))
     with pytest.raises(ValueError, match="keys"):
-        gather_fields([kt], ["a", "b"], 3)
+        field_interactions([kt], ["a", "b"], 3)

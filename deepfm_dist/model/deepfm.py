@@ -18,16 +18,15 @@ other widths. With D = 4k + 3 there is no padding; with D = 16 the rows are 20 w
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
 
 from deepfm_dist.data.schema import FeatureSpec
-from deepfm_dist.model.fields import gather_fields
-from deepfm_dist.model.fm import fm_second_order
+from deepfm_dist.model.fields import field_interactions
 from deepfm_dist.model.linear import linear_class
 
 # fx.wrap patches the name in the globals of the module that calls it: this module calls
-# gather_fields, so the pipeline's fx trace records it as one call instead of tracing into it.
-torch.fx.wrap("gather_fields")
+# field_interactions, so the pipeline's fx trace records it as one call instead of tracing into it.
+torch.fx.wrap("field_interactions")
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -68,7 +67,10 @@ class DeepTower(nn.Module):
             layers.append(linear(prev, width))
             if batch_norm:
                 layers.append(nn.BatchNorm1d(width))
-            layers.append(_ACTIVATIONS[activation]())
+            # ReLU in place: neither BatchNorm's nor the Linear's backward reads the tensor it
+            # overwrites, and one [B, width] tensor fewer per layer means less memory traffic
+            # (-0.8 ms per 2048-row step on one core, alternated in one process).
+            layers.append(nn.ReLU(inplace=True) if activation == "relu" else _ACTIVATIONS[activation]())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             prev = width
@@ -82,7 +84,8 @@ class DeepTower(nn.Module):
 class DenseFields(nn.Module):
     """Numeric columns as field vectors and first-order terms.
 
-    x [B, Nd] -> (fields [B, Nd, D], first_order [B]).
+    x [B, Nd] -> (fields [B, Nd, D], first_order [B]). DeepFM passes the parameters to
+    ``field_interactions`` (the same math, fused); ``forward`` is the plain form.
     """
 
     def __init__(self, num_dense: int, embedding_dim: int, init_std: float):
@@ -118,15 +121,14 @@ def _table_configs(features: list[FeatureSpec], embedding_dim: int) -> list[Embe
 
 
 class SparseFields(nn.Module):
-    """Categorical columns -> field vectors and first-order weights.
+    """Categorical columns -> their pooled table rows (field vectors and first-order weights).
 
     One EmbeddingBagCollection for unweighted features and, if any feature carries per-id
     weights, a second (``is_weighted``) one reading its own KeyedJaggedTensor. Multi-hot
     features pool their ids (sum or mean) into one row, so every feature is one field. Shared
     tables serve several features (one field each).
 
-    (sparse KJT, weighted KJT or None, dense fields [B, Nd, D] or None) -> (fields [B, Nd + Ns, D],
-    first_order [B]).
+    (sparse KJT, weighted KJT or None) -> [KeyedTensor of [B, K * W] rows] per collection.
     """
 
     def __init__(self, features: list[FeatureSpec], embedding_dim: int, device: torch.device):
@@ -142,12 +144,10 @@ class SparseFields(nn.Module):
             else None
         )
 
-    def forward(
-        self, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None,
-        dense_fields: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (fields [B, Nd + Ns, D]: ``dense_fields`` [B, Nd, D] first if given, then the sparse
-        fields in config order; first_order [B]: the sum of the sparse first-order weights)."""
+    def forward(self, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None) -> list[KeyedTensor]:
+        """-> the pooled rows, one KeyedTensor per collection (plain, then weighted); after
+        sharding their keys come out grouped by shard, not in config order
+        (``field_interactions`` selects by name)."""
         if self.weighted_ebc is not None and weighted is None:
             raise ValueError("the model has weighted features but the batch carries no weighted_features")
         pooled = []
@@ -155,11 +155,7 @@ class SparseFields(nn.Module):
             pooled.append(self.ebc(sparse))
         if self.weighted_ebc is not None:
             pooled.append(self.weighted_ebc(weighted))
-        # After sharding the pooled keys come out grouped by shard, not in config order:
-        # gather_fields selects by name. Indexed, not unpacked: under the pipeline's fx trace
-        # its result is one proxy, which cannot be iterated.
-        out = gather_fields(pooled, self.features, self.embedding_dim, dense_fields)
-        return out[0], out[1]
+        return pooled
 
 
 class DeepFM(nn.Module):
@@ -204,11 +200,12 @@ class DeepFM(nn.Module):
     def forward(
         self, dense: torch.Tensor, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None
     ) -> torch.Tensor:
-        dense_fields = dense_first = None
+        pooled = self.sparse_fields(sparse, weighted)
+        dense_args = ()
         if self.dense_fields is not None:
-            dense_fields, dense_first = self.dense_fields(dense)
-        fields, first_order = self.sparse_fields(sparse, weighted, dense_fields)  # [B, F, D], [B]
-        if dense_first is not None:
-            first_order = first_order + dense_first
-        deep = self.deep(fields.flatten(1))
-        return self.bias + first_order + fm_second_order(fields) + deep
+            dense_args = (dense, self.dense_fields.vectors, self.dense_fields.weights)
+        # Indexed, not unpacked: under the pipeline's fx trace the result is one proxy, which
+        # cannot be iterated.
+        out = field_interactions(pooled, self.sparse_fields.features, self.sparse_fields.embedding_dim, *dense_args)
+        fields, wide = out[0], out[1]  # [B, F, D]; [B] first order + FM second order
+        return self.bias + wide + self.deep(fields.flatten(1))

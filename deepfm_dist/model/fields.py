@@ -1,24 +1,35 @@
-"""Pooled table rows -> DeepFM's field matrix and first-order sum, in one autograd node.
+"""Pooled table rows + dense values -> DeepFM's field matrix and its wide term, in one autograd node.
 
 A sharded ``EmbeddingBagCollection`` returns one ``[B, K * W]`` tensor with the K features'
 pooled rows side by side, in the shards' key order (not the config's). Each row is
-``[v (D) | w (1) | padding]`` (``model.deepfm.table_dim``). DeepFM needs the vectors in field
-order, after the dense fields, as one ``[B, F, D]`` tensor (the FM term reads it, the MLP reads
-it flattened), and the sum of the first-order weights.
+``[v (D) | w (1) | padding]`` (``model.deepfm.table_dim``). DeepFM needs:
 
-Done with ``to_dict`` + ``stack`` + slices + ``cat``, autograd records ~60 nodes per step and the
-backward makes about six passes over the rows (zero-filled slice and select gradients, their
-sum, the stack's and the split's copies). Here it is one copy per field forward (on CPU; one
-``index_select`` on a GPU, where a kernel launch per field would cost more), and backward one
-zero-filled ``[B, K, W]`` gradient written once: +5% per 2-rank CPU step
-(benchmarks/cpu-2core_202612.md). Padding columns get a zero gradient, as before, so the fused
-optimizer leaves them untouched. ``tests/test_fm.py`` checks values and gradients of both forms
-against the stack/cat composition bit for bit.
+* the field vectors in field order, the Nd dense fields ``x_i * e_i`` first, as one
+  ``[B, F, D]`` tensor (the MLP reads it flattened);
+* the wide term per example: the first-order sum (the sparse ``w`` plus ``x . w_dense``) plus
+  the FM second-order term ``sum_{i<j} <v_i, v_j>`` (``model.fm``) over those fields.
+
+Built from separate ops (a broadcast multiply for the dense fields, ``to_dict`` / ``stack`` /
+slices / ``cat`` for the sparse ones, the FM identity), the backward makes about a dozen passes
+over ``[B, F, D]``-sized memory: zero-filled slice gradients, the FM gradient ``g (s - v_i)`` as
+its own tensor, autograd adding it to the MLP's gradient, the copies back into the rows. Those
+tensors are cold by then (the MLP ran in between), so each pass costs a trip to memory. Here:
+
+* forward: one write of the fields (one copy per sparse field on CPU, one ``index_select`` on a
+  GPU where a kernel launch per field would cost more; the dense fields multiplied in place),
+  then one read for ``s = sum_i v_i`` and one for ``sum_i |v_i|^2``;
+* backward: one ``addcmul`` (the MLP's gradient minus ``g v_i``), then each field's gradient
+  written once into the rows with the shared ``g s`` added on the way; only the padding
+  columns are zero-filled (so the fused optimizer leaves them untouched).
+
+Measured in benchmarks/cpu-2core_202612.md. ``tests/test_fm.py`` checks values and gradients
+of both forms against the unfused composition and the FM term against a brute-force double loop.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torchrec import KeyedTensor
 
 
@@ -30,44 +41,71 @@ def _per_field_copies(t: torch.Tensor) -> bool:
     return t.device.type in PER_FIELD_COPIES_ON
 
 
-class _GatherFields(torch.autograd.Function):
+class _FieldInteractions(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values: torch.Tensor, dense_fields: torch.Tensor | None, order: list[int],
-                order_index: torch.Tensor, dim: int):
+    def forward(ctx, values: torch.Tensor, dense: torch.Tensor | None, vectors: torch.Tensor | None,
+                weights: torch.Tensor | None, order: list[int], order_index: torch.Tensor, dim: int):
         batch, width = values.shape[0], values.shape[1] // len(order)
         rows = values.reshape(batch, len(order), width)
-        num_dense = dense_fields.shape[1] if dense_fields is not None else 0
+        num_dense = dense.shape[1] if dense is not None else 0
         fields = values.new_empty(batch, num_dense + len(order), dim)
-        if dense_fields is not None:
-            fields[:, :num_dense].copy_(dense_fields)
+        if dense is not None:
+            torch.mul(dense.unsqueeze(-1), vectors, out=fields[:, :num_dense])
         if _per_field_copies(values):
             # One strided copy per field: measured faster on CPU than index_select or advanced
             # indexing over the key dimension (0.19 vs 0.26-0.72 ms for 26 x [2048, 16]).
             for slot, key in enumerate(order):
                 fields[:, num_dense + slot].copy_(rows[:, key, :dim])
         else:
-            # On a GPU one gather kernel beats a launch per field.
             fields[:, num_dense:].copy_(rows[:, :, :dim].index_select(1, order_index))
-        # Summed in field order, as the unfused model did: the same result whatever the plan's
-        # key order (floating-point sums depend on the order).
-        first_order = rows[:, :, dim].index_select(1, order_index).sum(dim=1)
+        # Summed in field order: the same result whatever the plan's key order (floating-point
+        # sums depend on the order). Elementwise ops, not a matmul, so bf16 autocast leaves the
+        # wide term in fp32.
+        wide = rows[:, :, dim].index_select(1, order_index).sum(dim=1)
+        if dense is not None:
+            wide = wide + (dense * weights).sum(dim=1)
+        s = fields.sum(dim=1)  # [B, D]
+        # sum_i |v_i|^2 as a squared norm: one pass, no [B, F, D] temporary.
+        squares = torch.linalg.vector_norm(fields.view(batch, -1), dim=1).square()
+        wide = wide + 0.5 * (s.square().sum(dim=1) - squares)
         ctx.meta = (batch, width, num_dense, order, dim)
-        ctx.save_for_backward(order_index)
-        return fields, first_order
+        ctx.save_for_backward(fields, s, dense, vectors, weights, order_index)
+        return fields, wide
 
     @staticmethod
-    def backward(ctx, grad_fields: torch.Tensor, grad_first: torch.Tensor):
+    @once_differentiable
+    def backward(ctx, grad_fields: torch.Tensor | None, grad_wide: torch.Tensor | None):
         batch, width, num_dense, order, dim = ctx.meta
-        (order_index,) = ctx.saved_tensors
-        grad_rows = grad_fields.new_zeros(batch, len(order), width)
-        if _per_field_copies(grad_fields):
+        fields, s, dense, vectors, weights, order_index = ctx.saved_tensors
+        if grad_fields is None:
+            grad_fields = torch.zeros_like(fields)
+        if grad_wide is None:
+            grad_wide = fields.new_zeros(batch)
+        g = grad_wide
+        # d wide / d v_i = g (s - v_i): the -g v_i part joins the MLP's gradient in one pass; the
+        # g s part is the same for every field and is added while writing each field's rows.
+        total = torch.addcmul(grad_fields, fields, g[:, None, None], value=-1)  # [B, F, D]
+        gs = s * g[:, None]  # [B, D]
+        grad_rows = fields.new_empty(batch, len(order), width)
+        if width > dim + 1:
+            grad_rows[:, :, dim + 1:].zero_()
+        if _per_field_copies(fields):
             for slot, key in enumerate(order):
-                grad_rows[:, key, :dim].copy_(grad_fields[:, num_dense + slot])
+                torch.add(total[:, num_dense + slot], gs, out=grad_rows[:, key, :dim])
         else:
-            grad_rows[:, :, :dim].index_copy_(1, order_index, grad_fields[:, num_dense:])
-        grad_rows[:, :, dim].copy_(grad_first.unsqueeze(1).expand(batch, len(order)))
-        grad_dense = grad_fields[:, :num_dense] if ctx.needs_input_grad[1] else None  # False without dense fields
-        return grad_rows.view(batch, len(order) * width), grad_dense, None, None, None
+            grad_rows[:, :, :dim].index_copy_(1, order_index, total[:, num_dense:] + gs[:, None])
+        grad_rows[:, :, dim].copy_(g.unsqueeze(1).expand(batch, len(order)))
+
+        grad_dense = grad_vectors = grad_weights = None
+        if dense is not None:
+            dense_total = total[:, :num_dense] + gs[:, None]  # [B, Nd, D]: d/d(x_i e_i)
+            if ctx.needs_input_grad[1]:
+                grad_dense = (dense_total * vectors).sum(dim=-1) + g[:, None] * weights
+            if ctx.needs_input_grad[2]:
+                grad_vectors = (dense_total * dense.unsqueeze(-1)).sum(dim=0)
+            if ctx.needs_input_grad[3]:
+                grad_weights = (dense * g[:, None]).sum(dim=0)
+        return grad_rows.view(batch, len(order) * width), grad_dense, grad_vectors, grad_weights, None, None, None
 
 
 _ORDERS: dict[tuple, tuple[list[int], torch.Tensor]] = {}
@@ -76,10 +114,11 @@ made once per plan, so no host-to-device copy per step."""
 
 
 @torch.fx.wrap
-def gather_fields(
-    pooled: list[KeyedTensor], features: list[str], dim: int, dense_fields: torch.Tensor | None = None
+def field_interactions(
+    pooled: list[KeyedTensor], features: list[str], dim: int, dense: torch.Tensor | None = None,
+    dense_vectors: torch.Tensor | None = None, dense_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Field vectors and first-order sum from pooled rows, selected by feature name.
+    """Field vectors and the wide term (first order + FM second order) from pooled rows.
 
     Args:
         pooled: KeyedTensors (one per EmbeddingBagCollection: plain, weighted) whose keys
@@ -87,9 +126,12 @@ def gather_fields(
             ``[v (dim) | w | padding]``.
         features: the sparse fields in model order.
         dim: D.
-        dense_fields: [B, Nd, D] or None: placed before the sparse fields.
+        dense: [B, Nd] dense values or None; with ``dense_vectors`` [Nd, D] (field i is
+            ``x_i * e_i``, placed before the sparse fields) and ``dense_weights`` [Nd]
+            (first order ``x . w``).
     Returns:
-        (fields [B, Nd + Ns, D] contiguous, first_order [B] = sum over features of w).
+        (fields [B, Nd + Ns, D] contiguous,
+         wide [B] = sum over features of w + x . w_dense + sum_{i<j} <v_i, v_j> over all fields).
 
     fx-wrapped (here and in model/deepfm.py, which calls it): TrainPipelineSparseDist traces
     the model, and the key lookup needs the real KeyedTensor, not a proxy.
@@ -100,6 +142,8 @@ def gather_fields(
         raise ValueError(f"pooled embeddings carry keys {keys}, the model expects {features}")
     if len(set(widths)) != 1 or widths[0] <= dim:
         raise ValueError(f"pooled rows must share one width > {dim}: {dict(zip(keys, widths))}")
+    if (dense is None) != (dense_vectors is None) or (dense is None) != (dense_weights is None):
+        raise ValueError("dense, dense_vectors and dense_weights come together or not at all")
     # Two collections (plain and weighted features): one extra copy to put them side by side.
     values = pooled[0].values() if len(pooled) == 1 else torch.cat([kt.values() for kt in pooled], dim=1)
     cache_key = (tuple(keys), tuple(features), values.device)
@@ -108,4 +152,4 @@ def gather_fields(
         order = [slot[f] for f in features]
         _ORDERS[cache_key] = (order, torch.tensor(order, device=values.device))
     order, order_index = _ORDERS[cache_key]
-    return _GatherFields.apply(values, dense_fields, order, order_index, dim)
+    return _FieldInteractions.apply(values, dense, dense_vectors, dense_weights, order, order_index, dim)
