@@ -183,13 +183,14 @@ def test_bf16_on_a_cpu_without_native_bf16_names_the_key(monkeypatch):
 
 @pytest.mark.parametrize("per_field_copies", [True, False], ids=["cpu_copies", "gpu_index_select"])
 def test_field_interactions_equal_the_unfused_composition(per_field_copies, monkeypatch):
-    """The fused node (field assembly + dense fields + first order + FM term) against the
-    composition it replaces: to_dict, stack, slices, cat, ``x_i * e_i``, ``x . w`` and the
-    brute-force FM double loop. Keys in another order than the fields (as after sharding), two
-    collections (plain + weighted), with and without dense fields; the fields are bit for bit
-    the same, the wide term and every gradient (rows, dense values, vectors, weights) equal to
-    float64 rounding, and padding columns get a zero gradient. Both forms: per-field copies
-    (CPU) and index_select / index_copy_ (GPU), here both on CPU tensors."""
+    """The fused node (field assembly + first order + FM term over sparse and dense fields)
+    against the composition it replaces: to_dict, stack, slices, cat, ``x_i * e_i``, ``x . w``
+    and the brute-force FM double loop. Keys in another order than the fields (as after
+    sharding), two collections (plain + weighted), with and without dense fields. The MLP input
+    [x | sparse fields] is bit for bit the same, the wide term and every gradient (rows, dense
+    values, vectors, weights) equal to float64 rounding, and padding columns get a zero
+    gradient. Both forms: per-field copies (CPU) and index_select / index_copy_ (GPU), here
+    both on CPU tensors."""
     from torchrec import KeyedTensor
 
     from deepfm_dist.model import fields as fields_module
@@ -201,6 +202,7 @@ def test_field_interactions_equal_the_unfused_composition(per_field_copies, monk
     b, d, w = 6, 5, 8
     features = ["a", "b", "c", "d", "e"]
     f64 = dict(generator=g, dtype=torch.float64)
+    close = dict(rtol=1e-12, atol=1e-12)
     for split, second, nd in [(["c", "a", "e", "b", "d"], None, 0), (["d", "b"], ["e", "a", "c"], 0),
                               (["b", "c", "a", "e", "d"], None, 3), (["d", "b"], ["e", "a", "c"], 2)]:
         groups = [split] if second is None else [split, second]
@@ -210,37 +212,38 @@ def test_field_interactions_equal_the_unfused_composition(per_field_copies, monk
             dense_args = [torch.randn(b, nd, **f64, requires_grad=True), torch.randn(nd, d, **f64, requires_grad=True),
                           torch.randn(nd, **f64, requires_grad=True)]
         kts = [KeyedTensor(keys=keys, length_per_key=[w] * len(keys), values=v) for keys, v in zip(groups, vals)]
-        fields, wide = field_interactions(kts, features, d, *dense_args)
+        mlp_in, wide = field_interactions(kts, features, d, *dense_args)
 
         by_name = {}
         for kt in kts:
             by_name.update(kt.to_dict())
         rows = torch.stack([by_name[f] for f in features], dim=1)
         ref_fields, ref_wide = rows[:, :, :d], rows[:, :, d].sum(dim=1)
+        ref_mlp_in = ref_fields.flatten(1)
         if nd:
             x, vectors, weights = dense_args
+            ref_mlp_in = torch.cat([x, ref_mlp_in], dim=1)
             ref_fields = torch.cat([x.unsqueeze(-1) * vectors, ref_fields], dim=1)
             ref_wide = ref_wide + x @ weights
         ref_wide = ref_wide + brute_force_fm(ref_fields)
-        assert fields.is_contiguous() and fields.shape == (b, nd + len(features), d)
-        assert torch.equal(fields, ref_fields)
-        torch.testing.assert_close(wide, ref_wide, rtol=1e-12, atol=1e-12)
+        assert mlp_in.is_contiguous() and mlp_in.shape == (b, nd + len(features) * d)
+        assert torch.equal(mlp_in, ref_mlp_in)
+        torch.testing.assert_close(wide, ref_wide, **close)
 
-        gf = torch.randn(fields.shape, **f64)
+        gm = torch.randn(mlp_in.shape, **f64)
         gw = torch.randn(b, **f64)
         leaves = vals + dense_args
-        ours = torch.autograd.grad((fields * gf).sum() + (wide * gw).sum(), leaves)
-        ref = torch.autograd.grad((ref_fields * gf).sum() + (ref_wide * gw).sum(), leaves, retain_graph=True)
-        for x, y in zip(ours, ref):
-            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+        ours = torch.autograd.grad((mlp_in * gm).sum() + (wide * gw).sum(), leaves)
+        ref = torch.autograd.grad((ref_mlp_in * gm).sum() + (ref_wide * gw).sum(), leaves, retain_graph=True)
+        for x_, y_ in zip(ours, ref):
+            torch.testing.assert_close(x_, y_, **close)
         for v in ours[: len(vals)]:
             assert torch.count_nonzero(v.view(b, -1, w)[:, :, d + 1:]) == 0, "padding columns get no gradient"
-        # Only the wide term used (no MLP), and only the fields used (no FM): None gradients in.
+        # Only the wide term used (no MLP), and only the MLP input used (no FM).
         only_wide = torch.autograd.grad(field_interactions(kts, features, d, *dense_args)[1].sum(), vals[0])[0]
-        torch.testing.assert_close(only_wide, torch.autograd.grad(ref_wide.sum(), vals[0], retain_graph=True)[0],
-                                   rtol=1e-12, atol=1e-12)
-        only_fields = torch.autograd.grad(field_interactions(kts, features, d, *dense_args)[0].sum(), vals[0])[0]
-        torch.testing.assert_close(only_fields, torch.autograd.grad(ref_fields.sum(), vals[0])[0], rtol=0, atol=0)
+        torch.testing.assert_close(only_wide, torch.autograd.grad(ref_wide.sum(), vals[0], retain_graph=True)[0], **close)
+        only_mlp = torch.autograd.grad(field_interactions(kts, features, d, *dense_args)[0].sum(), vals[0])[0]
+        torch.testing.assert_close(only_mlp, torch.autograd.grad(ref_mlp_in.sum(), vals[0])[0], rtol=0, atol=0)
 
 
 def test_field_interactions_gradcheck():
@@ -257,6 +260,31 @@ def test_field_interactions_gradcheck():
         return field_interactions([kt], ["a", "b"], 3, x, vec, wts)
 
     assert torch.autograd.gradcheck(f, (vals, x, vec, wts))
+
+
+@pytest.mark.parametrize("kernel,dtype", [("torch", torch.float64), ("auto", torch.float32)], ids=["float64", "onednn_fp32"])
+def test_deep_tower_with_dense_fields_folded_equals_the_full_input(kernel, dtype):
+    """DeepTower(x_eff, e) with the dense fields folded into the first layer against the same
+    tower on the full input [x_1 e_1 | .. | x_Nd e_Nd | other fields]: output and the
+    gradients of every parameter, of e and of the inputs equal to float64 rounding (and to fp32
+    rounding on the oneDNN kernel)."""
+    from deepfm_dist.model.deepfm import DeepTower
+
+    torch.manual_seed(2)
+    b, nd, ns, d = 64, 3, 4, 5
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    tower = DeepTower((nd + ns) * d, [8, 6], "relu", batch_norm=True, dropout=0.0, linear_kernel=kernel).to(dtype)
+    x = torch.randn(b, nd, dtype=dtype, requires_grad=True)
+    e = torch.randn(nd, d, dtype=dtype, requires_grad=True)
+    other = torch.randn(b, ns * d, dtype=dtype, requires_grad=True)
+    full = torch.cat([(x.unsqueeze(-1) * e).flatten(1), other], dim=1)
+    folded_out = tower(torch.cat([x, other], dim=1), e)
+    full_out = tower(full)
+    torch.testing.assert_close(folded_out, full_out, **tol)
+    gy = torch.randn(b, dtype=dtype)
+    leaves = [x, e, other, *tower.parameters()]
+    for a, c in zip(torch.autograd.grad((folded_out * gy).sum(), leaves), torch.autograd.grad((full_out * gy).sum(), leaves)):
+        torch.testing.assert_close(a, c, **tol)
 
 
 def test_field_interactions_reject_keys_that_are_not_the_fields():

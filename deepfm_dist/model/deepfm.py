@@ -14,6 +14,9 @@ columns. The per-id weight is stored as an extra column of the same table row (a
 does), so one lookup and one all-to-all serve both orders: a table row is
 ``[v (D) | w (1) | padding]``, padded to a multiple of 4 because FBGEMM's fused kernel rejects
 other widths. With D = 4k + 3 there is no padding; with D = 16 the rows are 20 wide.
+
+The MLP's first layer never sees the dense fields themselves: ``W_i (x_i e_i) = x_i (W_i e_i)``,
+so it multiplies the dense values by Nd folded columns instead of Nd * D (``DeepTower``).
 """
 
 import torch
@@ -22,7 +25,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from deepfm_dist.data.schema import FeatureSpec
 from deepfm_dist.model.fields import field_interactions
-from deepfm_dist.model.linear import linear_class
+from deepfm_dist.model.linear import linear_class, linear_with_weight
 
 # fx.wrap patches the name in the globals of the module that calls it: this module calls
 # field_interactions, so the pipeline's fx trace records it as one call instead of tracing into it.
@@ -77,8 +80,25 @@ class DeepTower(nn.Module):
         layers.append(linear(prev, 1))
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x).squeeze(-1)
+    def forward(self, x: torch.Tensor, dense_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, in_features] -> [B]; or, with ``dense_vectors`` e [Nd, D], x = [dense values
+        x_1..x_Nd | the other fields flat] [B, Nd + in_features - Nd * D], standing for the
+        input [x_1 e_1 | ... | x_Nd e_Nd | the other fields].
+
+        The second form folds the dense fields into the first layer: W [x_i e_i] = x_i (W_i e_i)
+        with W_i the first layer's [H, D] block of field i, so it multiplies Nd columns
+        ``U = [W_1 e_1 .. W_Nd e_Nd]`` instead of Nd * D (with Criteo's 13 dense fields at D = 16,
+        a 429-wide first layer instead of 624: a third fewer FLOPs there). Same parameters,
+        same function (to rounding); the gradients reach W and e through U by autograd.
+        """
+        if dense_vectors is None:
+            return self.layers(x).squeeze(-1)
+        first = self.layers[0]
+        num_dense, dim = dense_vectors.shape
+        weight = first.weight  # [H, in_features]
+        folded = (weight[:, : num_dense * dim].view(-1, num_dense, dim) * dense_vectors).sum(dim=-1)  # [H, Nd]
+        weight = torch.cat([folded, weight[:, num_dense * dim:]], dim=1)  # [H, Nd + in_features - Nd * D]
+        return self.layers[1:](linear_with_weight(first, x, weight)).squeeze(-1)
 
 
 class DenseFields(nn.Module):
@@ -201,11 +221,13 @@ class DeepFM(nn.Module):
         self, dense: torch.Tensor, sparse: KeyedJaggedTensor, weighted: KeyedJaggedTensor | None = None
     ) -> torch.Tensor:
         pooled = self.sparse_fields(sparse, weighted)
-        dense_args = ()
+        dense_args, vectors = (), None
         if self.dense_fields is not None:
-            dense_args = (dense, self.dense_fields.vectors, self.dense_fields.weights)
+            vectors = self.dense_fields.vectors
+            dense_args = (dense, vectors, self.dense_fields.weights)
         # Indexed, not unpacked: under the pipeline's fx trace the result is one proxy, which
         # cannot be iterated.
         out = field_interactions(pooled, self.sparse_fields.features, self.sparse_fields.embedding_dim, *dense_args)
-        fields, wide = out[0], out[1]  # [B, F, D]; [B] first order + FM second order
-        return self.bias + wide + self.deep(fields.flatten(1))
+        # out[0]: [B, Nd + Ns * D] = [x | sparse fields], the MLP input with the dense fields
+        # folded into the first layer; out[1]: [B] first order + FM second order.
+        return self.bias + out[1] + self.deep(out[0], vectors)

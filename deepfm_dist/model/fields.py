@@ -48,63 +48,72 @@ class _FieldInteractions(torch.autograd.Function):
         batch, width = values.shape[0], values.shape[1] // len(order)
         rows = values.reshape(batch, len(order), width)
         num_dense = dense.shape[1] if dense is not None else 0
-        fields = values.new_empty(batch, num_dense + len(order), dim)
-        if dense is not None:
-            torch.mul(dense.unsqueeze(-1), vectors, out=fields[:, :num_dense])
+        out = values.new_empty(batch, num_dense + len(order) * dim)  # [x | v_1 .. v_Ns]
+        sparse = out[:, num_dense:].view(batch, len(order), dim)
         if _per_field_copies(values):
             # One strided copy per field: measured faster on CPU than index_select or advanced
             # indexing over the key dimension (0.19 vs 0.26-0.72 ms for 26 x [2048, 16]).
             for slot, key in enumerate(order):
-                fields[:, num_dense + slot].copy_(rows[:, key, :dim])
+                sparse[:, slot].copy_(rows[:, key, :dim])
         else:
-            fields[:, num_dense:].copy_(rows[:, :, :dim].index_select(1, order_index))
+            sparse.copy_(rows[:, :, :dim].index_select(1, order_index))
         # Summed in field order: the same result whatever the plan's key order (floating-point
-        # sums depend on the order). Elementwise ops, not a matmul, so bf16 autocast leaves the
+        # sums depend on the order). Elementwise ops, not matmuls, so bf16 autocast leaves the
         # wide term in fp32.
         wide = rows[:, :, dim].index_select(1, order_index).sum(dim=1)
-        if dense is not None:
-            wide = wide + (dense * weights).sum(dim=1)
-        s = fields.sum(dim=1)  # [B, D]
+        s = sparse.sum(dim=1)  # [B, D]: sum of all field vectors, dense ones added below
         # sum_i |v_i|^2 as a squared norm: one pass, no [B, F, D] temporary.
-        squares = torch.linalg.vector_norm(fields.view(batch, -1), dim=1).square()
+        squares = torch.linalg.vector_norm(sparse, dim=(1, 2)).square()
+        if dense is not None:
+            out[:, :num_dense].copy_(dense)
+            dense_fields = dense.unsqueeze(-1) * vectors  # [B, Nd, D] (small: Nd of F fields)
+            s = s + dense_fields.sum(dim=1)
+            squares = squares + dense_fields.square().sum(dim=(1, 2))
+            wide = wide + (dense * weights).sum(dim=1)
         wide = wide + 0.5 * (s.square().sum(dim=1) - squares)
         ctx.meta = (batch, width, num_dense, order, dim)
-        ctx.save_for_backward(fields, s, dense, vectors, weights, order_index)
-        return fields, wide
+        ctx.save_for_backward(out, s, dense, vectors, weights, order_index)
+        return out, wide
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_fields: torch.Tensor | None, grad_wide: torch.Tensor | None):
+    def backward(ctx, grad_out: torch.Tensor | None, grad_wide: torch.Tensor | None):
         batch, width, num_dense, order, dim = ctx.meta
-        fields, s, dense, vectors, weights, order_index = ctx.saved_tensors
-        if grad_fields is None:
-            grad_fields = torch.zeros_like(fields)
+        out, s, dense, vectors, weights, order_index = ctx.saved_tensors
+        sparse = out[:, num_dense:].view(batch, len(order), dim)
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
         if grad_wide is None:
-            grad_wide = fields.new_zeros(batch)
+            grad_wide = out.new_zeros(batch)
         g = grad_wide
+        grad_sparse = grad_out[:, num_dense:].view(batch, len(order), dim)
         # d wide / d v_i = g (s - v_i): the -g v_i part joins the MLP's gradient in one pass; the
         # g s part is the same for every field and is added while writing each field's rows.
-        total = torch.addcmul(grad_fields, fields, g[:, None, None], value=-1)  # [B, F, D]
+        total = torch.addcmul(grad_sparse, sparse, g[:, None, None], value=-1)  # [B, Ns, D]
         gs = s * g[:, None]  # [B, D]
-        grad_rows = fields.new_empty(batch, len(order), width)
+        grad_rows = out.new_empty(batch, len(order), width)
         if width > dim + 1:
             grad_rows[:, :, dim + 1:].zero_()
-        if _per_field_copies(fields):
+        if _per_field_copies(out):
             for slot, key in enumerate(order):
-                torch.add(total[:, num_dense + slot], gs, out=grad_rows[:, key, :dim])
+                torch.add(total[:, slot], gs, out=grad_rows[:, key, :dim])
         else:
-            grad_rows[:, :, :dim].index_copy_(1, order_index, total[:, num_dense:] + gs[:, None])
+            grad_rows[:, :, :dim].index_copy_(1, order_index, total + gs[:, None])
         grad_rows[:, :, dim].copy_(g.unsqueeze(1).expand(batch, len(order)))
 
         grad_dense = grad_vectors = grad_weights = None
         if dense is not None:
-            dense_total = total[:, :num_dense] + gs[:, None]  # [B, Nd, D]: d/d(x_i e_i)
+            # Field i is x_i e_i: d wide / d e_i = sum_b g x_i (s - x_i e_i), d wide / d x_i =
+            # g (e_i . s - x_i |e_i|^2) + g w_i. The MLP's share reaches e through the folded
+            # first layer (DeepTower) and x through grad_out[:, :Nd].
+            gx = dense * g[:, None]  # [B, Nd]
             if ctx.needs_input_grad[1]:
-                grad_dense = (dense_total * vectors).sum(dim=-1) + g[:, None] * weights
+                fm = (s.unsqueeze(1) * vectors).sum(dim=-1) - dense * vectors.square().sum(dim=-1)  # [B, Nd]
+                grad_dense = grad_out[:, :num_dense] + g[:, None] * (fm + weights)
             if ctx.needs_input_grad[2]:
-                grad_vectors = (dense_total * dense.unsqueeze(-1)).sum(dim=0)
+                grad_vectors = (gx.unsqueeze(-1) * s.unsqueeze(1)).sum(dim=0) - vectors * (gx * dense).sum(dim=0)[:, None]
             if ctx.needs_input_grad[3]:
-                grad_weights = (dense * g[:, None]).sum(dim=0)
+                grad_weights = gx.sum(dim=0)
         return grad_rows.view(batch, len(order) * width), grad_dense, grad_vectors, grad_weights, None, None, None
 
 
@@ -118,7 +127,7 @@ def field_interactions(
     pooled: list[KeyedTensor], features: list[str], dim: int, dense: torch.Tensor | None = None,
     dense_vectors: torch.Tensor | None = None, dense_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Field vectors and the wide term (first order + FM second order) from pooled rows.
+    """The deep tower's input and the wide term (first order + FM second order) from pooled rows.
 
     Args:
         pooled: KeyedTensors (one per EmbeddingBagCollection: plain, weighted) whose keys
@@ -126,12 +135,14 @@ def field_interactions(
             ``[v (dim) | w | padding]``.
         features: the sparse fields in model order.
         dim: D.
-        dense: [B, Nd] dense values or None; with ``dense_vectors`` [Nd, D] (field i is
-            ``x_i * e_i``, placed before the sparse fields) and ``dense_weights`` [Nd]
-            (first order ``x . w``).
+        dense: [B, Nd] dense values or None; with ``dense_vectors`` [Nd, D] (dense field i is
+            ``x_i * e_i``) and ``dense_weights`` [Nd] (first order ``x . w``).
     Returns:
-        (fields [B, Nd + Ns, D] contiguous,
-         wide [B] = sum over features of w + x . w_dense + sum_{i<j} <v_i, v_j> over all fields).
+        (mlp_input [B, Nd + Ns * D] contiguous: the dense values, then the sparse field
+         vectors in field order (``DeepTower`` folds e into its first layer, so the dense
+         fields themselves are never materialised for it);
+         wide [B] = sum over features of w + x . w_dense + sum_{i<j} <v_i, v_j> over all
+         F = Nd + Ns fields, dense ones included).
 
     fx-wrapped (here and in model/deepfm.py, which calls it): TrainPipelineSparseDist traces
     the model, and the key lookup needs the real KeyedTensor, not a proxy.

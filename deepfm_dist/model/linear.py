@@ -73,12 +73,24 @@ class OneDNNLinear(nn.Linear):
     bf16 autocast) bf16; anything else (CUDA, other dtypes or shapes) is nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.with_weight(x, self.weight)
+
+    def with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's kernel with another weight [out, K] (a function of the parameters)."""
         if x.device.type == "cpu" and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16):
             dtype = cpu_compute_dtype()
             if dtype == torch.bfloat16 or x.dtype == torch.float32:
                 bias = self.bias.to(dtype) if self.bias is not None else None
-                return _OneDNNLinearFunction.apply(x.to(dtype), self.weight.to(dtype), bias)
-        return super().forward(x)
+                return _OneDNNLinearFunction.apply(x.to(dtype), weight.to(dtype), bias)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+def linear_with_weight(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``layer`` (nn.Linear or OneDNNLinear) applied with ``weight`` in place of its own, on
+    the layer's kernel: x [B, K], weight [out, K] -> [B, out]."""
+    if isinstance(layer, OneDNNLinear):
+        return layer.with_weight(x, weight)
+    return nn.functional.linear(x, weight, layer.bias)
 
 
 def linear_class(kernel: str) -> type[nn.Linear]:
