@@ -5,8 +5,10 @@ passes from the calling thread to a gloo worker thread and its TCP loop thread a
 same core the rank computes on. On the 2-core dev machine a training step's collectives cost
 about 9 ms of a ~58 ms step (benchmarks/cpu-2core_202612.md). Here the ranks of one node exchange
 through files in /dev/shm that every rank maps: an all-to-all is one copy into this rank's
-segment and one copy out of each peer's, an all-reduce one copy in and a sum over the segments,
-done by the calling thread, with no socket and no thread hand-off.
+segment of what the peers need and one copy out of each peer's (this rank's own chunk goes
+straight from input to output), an all-reduce one copy in and a sum over the segments (with 2
+ranks, the peer's copy added in place), done by the calling thread, with no socket and no
+thread hand-off.
 
 ``ShmProcessGroup`` is a ``torch.distributed.ProcessGroup`` (registered as backend
 ``deepfm_shm``) that serves ``alltoall_base`` (TorchRec's embedding all-to-alls) and
@@ -156,9 +158,12 @@ class SharedSegments:
                         raise RuntimeError(f"shared-memory comms: rank {p} is gone (killed?) before operation "
                                            f"{at_least}")
 
-    def exchange(self, payload: torch.Tensor | None, offsets: list[int]) -> tuple[bool, int]:
+    def exchange(self, payload: torch.Tensor | None, offsets: list[int], skip_own: bool = False) -> tuple[bool, int]:
         """Publish ``payload`` (flat uint8, or None when it does not fit) with its per-peer byte
-        ``offsets`` (W + 1 of them); wait for every peer. Returns (all fit, buffer parity)."""
+        ``offsets`` (W + 1 of them); wait for every peer. Returns (all fit, buffer parity).
+
+        ``skip_own``: the bytes for this rank itself (``offsets[rank]:offsets[rank + 1]``) are
+        not written: no peer reads them, and the caller copies them straight to its output."""
         self.seq += 1
         parity = self.seq % 2
         self._wait(_DONE, self.seq - 2)  # everyone is done reading what we wrote two ops ago
@@ -166,7 +171,13 @@ class SharedSegments:
         if payload is None:
             header[0] = -1
         else:
-            self.data[self.rank][parity][: payload.numel()].copy_(payload)
+            buf = self.data[self.rank][parity]
+            if skip_own:
+                own_start, own_end = offsets[self.rank], offsets[self.rank + 1]
+                buf[:own_start].copy_(payload[:own_start])
+                buf[own_end: payload.numel()].copy_(payload[own_end:])
+            else:
+                buf[: payload.numel()].copy_(payload)
             header[0] = payload.numel()
             header[1: 2 + self.size] = offsets
         self.flags[self.rank][_READY] = self.seq
@@ -213,7 +224,10 @@ class ShmProcessGroup(dist.ProcessGroup):
         for rows in in_rows:
             offsets.append(offsets[-1] + rows * in_row_bytes)
         fits = offsets[-1] <= seg.capacity and input.device.type == "cpu"
-        all_fit, parity = seg.exchange(_flat_bytes(input) if fits else None, offsets)
+        payload = _flat_bytes(input) if fits else None
+        # This rank's own chunk never goes through shared memory: copied input -> output below
+        # (one copy instead of two; with 2 ranks it is half of every all-to-all).
+        all_fit, parity = seg.exchange(payload, offsets, skip_own=True)
         if not all_fit:
             seg.finish()
             return self.inner.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
@@ -226,7 +240,8 @@ class ShmProcessGroup(dist.ProcessGroup):
                 seg.finish()
                 raise RuntimeError(f"all_to_all: rank {p} sends {end - start} bytes to rank {self.rank()}, "
                                    f"which expects {out_rows[p] * out_row_bytes}")
-            out[pos: pos + end - start].copy_(seg.data[p][parity][start:end])
+            source = payload if p == self.rank() else seg.data[p][parity]
+            out[pos: pos + end - start].copy_(source[start:end])
             pos += end - start
         seg.finish()
         if not output.is_contiguous():
@@ -246,10 +261,15 @@ class ShmProcessGroup(dist.ProcessGroup):
             seg.finish()
             return self.inner.allreduce(tensors, opts)
         views = [seg.data[p][parity][:nbytes].view(tensor.dtype).view(tensor.shape) for p in range(self.size())]
-        # The same order on every rank, so every replica gets bitwise the same sum.
-        tensor.copy_(views[0])
-        for v in views[1:]:
-            tensor.add_(v)
+        if self.size() == 2:
+            # a + b == b + a exactly in IEEE arithmetic: each rank adds the other's copy to its
+            # own tensor, and both get bitwise the same sum with one pass fewer.
+            tensor.add_(views[1 - self.rank()])
+        else:
+            # The same order on every rank, so every replica gets bitwise the same sum.
+            tensor.copy_(views[0])
+            for v in views[1:]:
+                tensor.add_(v)
         seg.finish()
         return _completed(tensors)
 
