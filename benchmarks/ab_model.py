@@ -48,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ab_model_"))
-    base_package(args.base, tmp)
-    sys.path.insert(0, str(tmp))
-    from torchrec import KeyedJaggedTensor
-
-    import deepfm_base.model.deepfm as base
-    import deepfm_dist.model.deepfm as new
+    with tempfile.TemporaryDirectory(prefix="ab_model_") as tmp:  # only needed while importing
+        base_package(args.base, pathlib.Path(tmp))
+        sys.path.insert(0, tmp)
+        import deepfm_base.model.deepfm as base
+        import deepfm_dist.model.deepfm as new
+        from torchrec import KeyedJaggedTensor
 
     b, nd, ns, rows = args.batch, 13, 26, 2000
     names = [f"C{i}" for i in range(ns)]

@@ -1,13 +1,14 @@
-"""Pooled table rows + dense values -> DeepFM's field matrix and its wide term, in one autograd node.
+"""Pooled table rows + dense values -> DeepFM's MLP input and its wide term, in one autograd node.
 
 A sharded ``EmbeddingBagCollection`` returns one ``[B, K * W]`` tensor with the K features'
 pooled rows side by side, in the shards' key order (not the config's). Each row is
 ``[v (D) | w (1) | padding]`` (``model.deepfm.table_dim``). DeepFM needs:
 
-* the field vectors in field order, the Nd dense fields ``x_i * e_i`` first, as one
-  ``[B, F, D]`` tensor (the MLP reads it flattened);
+* the MLP's input ``[x | v_1 .. v_Ns]``: the Nd dense values, then the sparse field vectors in
+  field order (``DeepTower`` folds the dense vectors ``e_i`` into its first layer, so the dense
+  fields ``x_i * e_i`` are never materialised for it);
 * the wide term per example: the first-order sum (the sparse ``w`` plus ``x . w_dense``) plus
-  the FM second-order term ``sum_{i<j} <v_i, v_j>`` (``model.fm``) over those fields.
+  the FM second-order term ``sum_{i<j} <v_i, v_j>`` (``model.fm``) over all F = Nd + Ns fields.
 
 Built from separate ops (a broadcast multiply for the dense fields, ``to_dict`` / ``stack`` /
 slices / ``cat`` for the sparse ones, the FM identity), the backward makes about a dozen passes
@@ -15,9 +16,9 @@ over ``[B, F, D]``-sized memory: zero-filled slice gradients, the FM gradient ``
 its own tensor, autograd adding it to the MLP's gradient, the copies back into the rows. Those
 tensors are cold by then (the MLP ran in between), so each pass costs a trip to memory. Here:
 
-* forward: one write of the fields (one copy per sparse field on CPU, one ``index_select`` on a
-  GPU where a kernel launch per field would cost more; the dense fields multiplied in place),
-  then one read for ``s = sum_i v_i`` and one for ``sum_i |v_i|^2``;
+* forward: one write of the sparse fields (one copy per field on CPU, one ``index_select`` on a
+  GPU where a kernel launch per field would cost more), then one read for ``s = sum_i v_i`` and
+  one for ``sum_i |v_i|^2``; the dense fields' share comes from a small ``[B, Nd, D]`` product;
 * backward: one ``addcmul`` (the MLP's gradient minus ``g v_i``), then each field's gradient
   written once into the rows with the shared ``g s`` added on the way (into a zero-filled
   buffer, so the padding columns get a zero gradient and the fused optimizer leaves them
@@ -78,14 +79,11 @@ class _FieldInteractions(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor | None, grad_wide: torch.Tensor | None):
+    def backward(ctx, grad_out: torch.Tensor, grad_wide: torch.Tensor):
+        # Both gradients are tensors: autograd materialises an unused output's as zeros.
         batch, width, num_dense, order, dim = ctx.meta
         out, s, dense, vectors, weights, order_index = ctx.saved_tensors
         sparse = out[:, num_dense:].view(batch, len(order), dim)
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        if grad_wide is None:
-            grad_wide = out.new_zeros(batch)
         g = grad_wide
         grad_sparse = grad_out[:, num_dense:].view(batch, len(order), dim)
         # d wide / d v_i = g (s - v_i): the -g v_i part joins the MLP's gradient in one pass; the
