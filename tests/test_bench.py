@@ -64,6 +64,10 @@ def test_step_on_two_ranks(tmp_path):
     # Memory accounting: each rank reports its shards and the bound of the memory target.
     assert len(result["table_shards_mb_per_rank"]) == 2 and len(result["rss_bound_mb_per_rank"]) == 2
     assert result["threads_per_rank"] == 1
+    # 2 CPU ranks use the shared-memory collectives (sharding.intra_node_comm=auto), which
+    # account the time each rank was blocked on the other.
+    waits = result["peer_wait_ms_per_step_per_rank"]
+    assert len(waits) == 2 and all(w >= 0 for w in waits)
 
 
 def test_comm_on_two_ranks(tmp_path):
@@ -90,7 +94,8 @@ def test_compare_ratios_and_targets():
         "ceiling": {"samples_per_s": 80_000.0},
         "baseline": {"samples_per_s": 30_000.0},
         "step_1": {"samples_per_s": 40_000.0},
-        "step_2": {"samples_per_s": 70_000.0},
+        "step_2": {"samples_per_s": 70_000.0, "samples_per_s_per_rank": 35_000.0, "batch_size_per_rank": 2048,
+                   "peer_wait_ms_per_step_per_rank": [3.0, 2.0]},
         "e2e": {"samples_per_s": 66_000.0},
         "step_1_at_once": {"samples_per_s": 74_000.0, "samples_per_s_per_rank": 37_000.0},
         "memory": {"peak_rss_mb_per_rank": [3000.0, 2000.0], "rss_bound_mb_per_rank": [3200.0, 1900.0]},
@@ -101,6 +106,8 @@ def test_compare_ratios_and_targets():
     assert r["e2e_vs_baseline"] == pytest.approx(2.2)
     assert r["step_per_core_scaling"] == pytest.approx(0.875)
     assert r["memory_within_bound"] is False
+    assert r["step_peer_wait_ms_per_step"] == pytest.approx(2.5)
+    assert r["step_peer_wait_share"] == pytest.approx(2.5 / (2048 / 35_000 * 1e3))
     table, met = compare.targets_table(r)
     assert met == {"e2e_vs_ceiling": True, "e2e_vs_baseline": True, "step_per_core_scaling": False, "memory": False}
-    assert "NO" in table and "scaling with no communication" in table
+    assert "NO" in table and "scaling with no communication" in table and "waiting for peers" in table

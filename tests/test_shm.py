@@ -144,3 +144,30 @@ def test_destroying_a_group_releases_its_segments():
     for reserved, after in held:
         assert reserved >= segments * 0.99, (reserved, segments)
         assert after < segments / 4, (after, segments)
+
+
+def _late_peer_worker() -> dict:
+    import torch.distributed as dist
+
+    from deepfm_dist.distributed.env import destroy, init_distributed
+
+    env = init_distributed("cpu")
+    fast = shm.new_shm_group(capacity_mb=1.0)
+    x = torch.ones(1000)
+    dist.all_reduce(x, group=fast)  # both present: whatever this waited is before the mark
+    before = shm.peer_wait_seconds()
+    if env.rank == 1:
+        time.sleep(0.5)  # rank 0 arrives first and must wait for this
+    dist.all_reduce(x, group=fast)
+    waited = shm.peer_wait_seconds() - before
+    dist.barrier(group=fast)
+    destroy()
+    return {"rank": env.rank, "waited": waited, "sum": float(x[0])}
+
+
+def test_peer_wait_counts_the_time_a_rank_is_blocked_on_a_late_peer():
+    results = launch(_late_peer_worker, (), nproc=2)
+    early, late = results[0], results[1]
+    assert early["sum"] == late["sum"] == 4.0
+    assert early["waited"] >= 0.45, early  # it waited out rank 1's sleep
+    assert late["waited"] < 0.25, late  # the last to arrive barely waits

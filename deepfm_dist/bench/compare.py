@@ -176,6 +176,12 @@ def ratios(results: dict[str, dict[str, Any]], nproc: int, cores_1: int, cores_n
     if step1 and concurrent:
         # What scaling would be with free communication: N copies of the 1-rank step at once.
         out["scaling_without_communication"] = concurrent["samples_per_s_per_rank"] / step1["samples_per_s"]
+    waits = (stepn or {}).get("peer_wait_ms_per_step_per_rank")
+    if waits and stepn.get("batch_size_per_rank"):
+        # How much of the N-rank step is ranks blocked on each other in the collectives.
+        step_ms = stepn["batch_size_per_rank"] / stepn["samples_per_s_per_rank"] * 1e3
+        out["step_peer_wait_ms_per_step"] = sum(waits) / len(waits)
+        out["step_peer_wait_share"] = out["step_peer_wait_ms_per_step"] / step_ms
     memory = results.get("memory")
     if memory:
         peaks, bounds = memory["peak_rss_mb_per_rank"], memory["rss_bound_mb_per_rank"]
@@ -206,9 +212,12 @@ def targets_table(r: dict[str, Any]) -> tuple[str, dict[str, bool]]:
                        ("e2e_vs_ceiling_unfolded", "(info) e2e / ceiling of the unfolded F*D-wide MLP"),
                        ("e2e_vs_baseline_with_our_kernels", "(info) e2e / baseline with our kernels"),
                        ("scaling_without_communication",
-                        "(info) scaling with no communication (step_1_at_once)")):
+                        "(info) scaling with no communication (step_1_at_once)"),
+                       ("step_peer_wait_share", "(info) share of the N-rank step spent waiting for peers")):
         if key in r:
             lines.append(f"{label:<52} {r[key]:>10.2f}")
+    if "step_peer_wait_ms_per_step" in r:
+        lines.append(f"{'(info) N-rank step: ms/step waiting for peers':<52} {r['step_peer_wait_ms_per_step']:>10.2f}")
     return "\n".join(lines), met
 
 

@@ -31,12 +31,15 @@ class TimedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.clock = report.StepClock(self.env.device, warmup)
         self.wait_at_warmup = 0.0
+        self.peer_wait = report.PeerWait()
 
     def train_step(self, pipeline, batches):
         loss = super().train_step(pipeline, batches)  # StopIteration at the end passes through
         self.clock.tick()
+        self.peer_wait.mark_end()  # after every step: what follows the last one (eval) is not counted
         if len(self.clock.ends) == self.clock.warmup:
             self.wait_at_warmup = self.train_reader.wait_seconds
+            self.peer_wait.mark_start()
         return loss
 
 
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.total_steps = min(trainer.total_steps, trainer.steps_per_epoch)
         trainer.run()
         numbers = report.rank_numbers(trainer.clock, cfg.train.batch_size,
-                                      trainer.train_reader.wait_seconds - trainer.wait_at_warmup, env.device)
+                                      trainer.train_reader.wait_seconds - trainer.wait_at_warmup, env.device,
+                                      peer_wait_ms_per_step=trainer.peer_wait.ms_per_step(trainer.clock.measured_steps))
         per_rank = report.gather_ranks(numbers)
         threads, placements, num_rows = trainer.threads, trainer.placements, trainer.train_reader.num_rows
         # The sharded model holds the process group: drop it before destroy() (see trainer.train).

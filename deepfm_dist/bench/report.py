@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfm_dist.distributed import shm
 from deepfm_dist.sysinfo import cpu_name, git_commit
 
 DEFAULT_OUT_DIR = "runs/bench"
@@ -194,6 +195,27 @@ def rank_numbers(clock: StepClock, samples_per_step: int, wait_seconds: float, d
     return out
 
 
+class PeerWait:
+    """Time this rank spends blocked in shared-memory collectives on ranks that have not
+    arrived (``distributed.shm.peer_wait_seconds``) over the measured steps: how much of a
+    multi-rank step is the ranks waiting for each other. ``ms_per_step`` is None when this
+    process has no shared-memory group (one rank, gloo or NCCL collectives)."""
+
+    def __init__(self):
+        self.start = self.end = shm.peer_wait_seconds()
+
+    def mark_start(self) -> None:
+        self.start = self.end = shm.peer_wait_seconds()
+
+    def mark_end(self) -> None:
+        self.end = shm.peer_wait_seconds()
+
+    def ms_per_step(self, steps: int) -> float | None:
+        if not shm.groups_created or not steps:
+            return None
+        return (self.end - self.start) / steps * 1e3
+
+
 def gather_ranks(numbers: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's ``numbers`` on every rank (in rank order); a world of one without a group."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -228,6 +250,8 @@ def summarize(per_rank: list[dict[str, Any]], samples_per_step_per_rank: int) ->
     }
     if "gpu_peak_mem_mb" in per_rank[0]:
         out["gpu_peak_mem_mb_per_rank"] = [round(r["gpu_peak_mem_mb"], 1) for r in per_rank]
+    if per_rank[0].get("peer_wait_ms_per_step") is not None:
+        out["peer_wait_ms_per_step_per_rank"] = [round(r["peer_wait_ms_per_step"], 3) for r in per_rank]
     return out
 
 
@@ -246,12 +270,17 @@ def rank_table(per_rank: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     gpu = "gpu_peak_mem_mb" in per_rank[0]
     if gpu:
         head += f" {'GPU mem MB':>11}"
+    peer = per_rank[0].get("peer_wait_ms_per_step") is not None
+    if peer:
+        head += f" {'peer wait ms/step':>18}"
     lines = [head]
     for i, r in enumerate(per_rank):
         line = (f"{i:<6} {r['samples_per_s']:>11,.0f} {r['step_ms_p50']:>12.2f} {r['step_ms_p90']:>8.2f} "
                 f"{r['data_wait_ms_per_step']:>18.3f} {r['peak_rss_mb']:>12,.0f}")
         if gpu:
             line += f" {r['gpu_peak_mem_mb']:>11,.0f}"
+        if peer:
+            line += f" {r['peer_wait_ms_per_step']:>18.3f}"
         lines.append(line)
     lines.append(
         f"{'total':<6} {summary['samples_per_s']:>11,.0f} {summary['step_ms_p50']:>12.2f} "

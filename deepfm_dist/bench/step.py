@@ -123,14 +123,18 @@ def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int |
     if env.world_size > 1:
         torch.distributed.barrier()
     clock = report.StepClock(env.device, args.warmup)
+    peer_wait = report.PeerWait()
     wait_at_warmup = 0.0
     for i in range(total):
         step(i)
         clock.tick()
         if i + 1 == args.warmup:
             wait_at_warmup = data.wait_seconds
+            peer_wait.mark_start()
+    peer_wait.mark_end()
     numbers = report.rank_numbers(clock, cfg.train.batch_size, data.wait_seconds - wait_at_warmup, env.device,
-                                  rss_before_model_mb=rss_before_model, **memory)
+                                  rss_before_model_mb=rss_before_model,
+                                  peer_wait_ms_per_step=peer_wait.ms_per_step(clock.measured_steps), **memory)
     if args.profile:
         table = profile_steps(step, args.profile_steps, args.profile, env.rank)
         if env.is_main:

@@ -50,6 +50,15 @@ _YIELDS_BEFORE_LIVENESS_CHECK = 256
 
 
 SHM_DIR = "/dev/shm"
+_stats = {"peer_wait_s": 0.0}
+
+
+def peer_wait_seconds() -> float:
+    """Seconds this process has spent blocked in shared-memory collectives because another rank
+    had not arrived yet (or not yet finished reading), over all its groups. Read it before and
+    after a stretch of steps: with free communication it would be the ranks' skew alone; it also
+    holds the peers' own copy time, which a rank arriving last never waits for."""
+    return _stats["peer_wait_s"]
 
 
 def supported() -> bool:
@@ -139,10 +148,12 @@ class SharedSegments:
             return True
 
     def _wait(self, flag: int, at_least: int) -> None:
-        deadline = None
+        deadline = started = None
         for p in range(self.size):
             spins = 0
             while int(self.flags[p][flag]) < at_least:
+                if started is None:
+                    started = time.perf_counter()
                 spins += 1
                 if int(self.flags[p][_EXITED]):
                     raise RuntimeError(f"shared-memory comms: rank {p} exited before operation {at_least}")
@@ -157,6 +168,8 @@ class SharedSegments:
                     if spins % (_SPINS_BEFORE_YIELD * _YIELDS_BEFORE_LIVENESS_CHECK) == 0 and self._gone(p):
                         raise RuntimeError(f"shared-memory comms: rank {p} is gone (killed?) before operation "
                                            f"{at_least}")
+        if started is not None:
+            _stats["peer_wait_s"] += time.perf_counter() - started
 
     def exchange(self, payload: torch.Tensor | None, offsets: list[int], skip_own: bool = False) -> tuple[bool, int]:
         """Publish ``payload`` (flat uint8, or None when it does not fit) with its per-peer byte
