@@ -308,6 +308,10 @@ class TrainConfig:
     """CPU ranks: pin each local rank to its own ``threads`` cores (when they fit), so that one
     rank's gloo and loader threads do not run on another rank's core. Turn off on nodes that
     several jobs share without cgroup CPU sets (they would pin to the same cores)."""
+    huge_pages: bool = True
+    """CPU ranks: keep the embedding tables and their fused optimizer state on 2 MiB transparent
+    huge pages (``deepfm_dist/hugepages.py``): random row lookups and updates then miss the TLB
+    far less. Needs Linux THP set to ``madvise`` or ``always`` (it is ignored where unavailable)."""
     progress: bool = True
     """tqdm progress bar on rank 0 when attached to a terminal; plain lines otherwise."""
     tensorboard: bool = True

@@ -119,7 +119,7 @@ def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> d
 
     from deepfm_dist.distributed import shm
     from deepfm_dist.distributed.env import destroy, init_distributed
-    from deepfm_dist.distributed.sharding import shard_model
+    from deepfm_dist.distributed.sharding import embedding_kernel_tensors, shard_model
     from deepfm_dist.optim import build_optimizers
     from deepfm_dist.trainer import build_model, quiet_library_noise
 
@@ -142,9 +142,14 @@ def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> d
         dist.all_reduce(total)
         losses.append(float(total) / env.world_size)
     tables, dense = {}, {}
+    # train.huge_pages targets the kernels' tensors: their storages must hold every table shard.
+    kernel_storages = {t.untyped_storage().data_ptr() for t in embedding_kernel_tensors(model)}
+    uncovered = []
     for key, value in model.state_dict().items():
         m = _TABLE.search(key)
         if m:
+            local = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
+            uncovered += [key for t in local if t.numel() and t.untyped_storage().data_ptr() not in kernel_storages]
             if isinstance(value, ShardedTensor):
                 tables[m.group(1)] = [(s.metadata.shard_offsets, s.tensor.clone()) for s in value.local_shards()]
             else:
@@ -153,7 +158,7 @@ def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> d
             dense[key.split("model.", 1)[1]] = value.clone()
     kinds = {t: ps.sharding_type for mp in plan.plan.values() for t, ps in mp.items()}
     destroy()
-    return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds, "shm": used_shm}
+    return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds, "shm": used_shm, "uncovered": uncovered}
 
 
 def reference(cfg: Config, rich: bool = False) -> tuple[list[float], dict, dict]:
@@ -218,6 +223,7 @@ def test_two_ranks_match_single_process(sharding_type, rich, comm):
         assert set(ref_tables) == {"t_shared", "t_C3", "t_C4"}
 
     assert set(results[0]["kinds"].values()) == {sharding_type}
+    assert results[0]["uncovered"] == results[1]["uncovered"] == []
     for rank in (0, 1):
         torch.testing.assert_close(results[rank]["losses"], ref_losses, rtol=1e-5, atol=1e-6)
     for name, ref in ref_tables.items():  # the comparison is not vacuous: every table moved

@@ -34,6 +34,7 @@ from deepfm_dist.config import SHARDING_TYPES, Config
 from deepfm_dist.data.schema import feature_specs
 from deepfm_dist.distributed import shm
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
+from deepfm_dist.hugepages import advise_huge_pages
 from deepfm_dist.model import init_table_block, table_dim, table_name
 from deepfm_dist.model.init import BLOCK_ROWS
 
@@ -348,4 +349,23 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> tuple[Distribut
         sharders=[sharder],
     )
     init_sharded_tables(dmp, cfg)
+    if cfg.train.huge_pages and env.device.type == "cpu":
+        # After the tables are written: their pages are moved, not faulted in afresh.
+        result = advise_huge_pages(embedding_kernel_tensors(dmp))
+        if env.is_main:
+            print(f"deepfm: {result.line()} (rank 0; train.huge_pages)", flush=True)
     return dmp, plan
+
+
+def embedding_kernel_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of the sharded modules' embedding kernels on this rank: the
+    fused tables' flat weights and optimizer state (FBGEMM's ``weights_host``,
+    ``momentum1_host``, ...). TorchRec keeps the kernels in each sharded module's ``_lookups``,
+    outside the module tree that ``named_parameters`` walks."""
+    out: list[torch.Tensor] = []
+    for module in model.modules():
+        for lookup in getattr(module, "_lookups", None) or []:
+            if isinstance(lookup, nn.Module):
+                out.extend(lookup.parameters())
+                out.extend(lookup.buffers())
+    return out
