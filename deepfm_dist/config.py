@@ -218,6 +218,11 @@ class ShardingConfig:
     rank are reserved in /dev/shm (auto falls back to gloo, with a message, when /dev/shm is
     too small, as in containers with the 64 MiB default). A larger operation goes through gloo
     on every rank. Batch 2048 with 26 dim-16 features sends 4.3 MB per all-to-all."""
+    shm_fused_pooled: bool = True
+    """With shared-memory comms: the pooled-embedding all-to-all (table- and column-wise
+    sharding) moves the rows straight between the lookup output, shared memory and the MLP's
+    input, in 3 passes instead of TorchRec's 8 (distributed/pooled_shm.py; same values).
+    false: TorchRec's own All2All_Pooled path over the same shared memory."""
 
     def __post_init__(self) -> None:
         allowed = ("auto", *SHARDING_TYPES)

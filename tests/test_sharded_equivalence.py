@@ -157,8 +157,12 @@ def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> d
         elif "sparse_fields" not in key:
             dense[key.split("model.", 1)[1]] = value.clone()
     kinds = {t: ps.sharding_type for mp in plan.plan.values() for t, ps in mp.items()}
+    from deepfm_dist.distributed import pooled_shm
+
+    fused_pooled = pooled_shm.calls
     destroy()
-    return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds, "shm": used_shm, "uncovered": uncovered}
+    return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds, "shm": used_shm, "uncovered": uncovered,
+            "fused_pooled": fused_pooled}
 
 
 def reference(cfg: Config, rich: bool = False) -> tuple[list[float], dict, dict]:
@@ -224,6 +228,12 @@ def test_two_ranks_match_single_process(sharding_type, rich, comm):
 
     assert set(results[0]["kinds"].values()) == {sharding_type}
     assert results[0]["uncovered"] == results[1]["uncovered"] == []
+    # On shared memory, table- and column-wise pooled all-to-alls take the fused exchange
+    # (distributed/pooled_shm.py): the comparison below then checks its values and gradients.
+    if results[0]["shm"] and sharding_type in ("table_wise", "column_wise"):
+        assert results[0]["fused_pooled"] >= STEPS and results[1]["fused_pooled"] >= STEPS
+    if not results[0]["shm"]:
+        assert results[0]["fused_pooled"] == results[1]["fused_pooled"] == 0
     for rank in (0, 1):
         torch.testing.assert_close(results[rank]["losses"], ref_losses, rtol=1e-5, atol=1e-6)
     for name, ref in ref_tables.items():  # the comparison is not vacuous: every table moved

@@ -171,3 +171,44 @@ def test_peer_wait_counts_the_time_a_rank_is_blocked_on_a_late_peer():
     assert early["sum"] == late["sum"] == 4.0
     assert early["waited"] >= 0.45, early  # it waited out rank 1's sleep
     assert late["waited"] < 0.25, late  # the last to arrive barely waits
+
+
+def _fused_pooled_worker() -> dict:
+    import torch.distributed as dist
+    from torchrec.distributed import comm_ops
+
+    from deepfm_dist.distributed import pooled_shm
+    from deepfm_dist.distributed.env import destroy, init_distributed
+
+    env = init_distributed("cpu")
+    torch.set_num_threads(1)
+    pooled_shm.install()
+    fast = shm.new_shm_group(capacity_mb=1.0)
+    backend = shm.backend_of(fast)
+    assert backend is not None and shm.backend_of(None) is None
+    rank = env.rank
+    dims = [12, 20]  # each rank's tables are a different width
+    checked = []
+    for batch_sizes in ([3, 5], [9000, 7000]):  # fits the 1 MiB segments; does not (gloo fallback)
+        g = torch.Generator().manual_seed(10 + rank)
+        x = torch.randn(sum(batch_sizes), dims[rank], generator=g, requires_grad=True)
+        w = torch.randn(batch_sizes[rank], sum(dims), generator=g)
+        ref_x = x.detach().clone().requires_grad_(True)
+        before = pooled_shm.calls
+        out = comm_ops.alltoall_pooled(x, batch_sizes, dims, group=fast).wait()  # the fused path
+        assert pooled_shm.calls == before + 1
+        (out * w).sum().backward()
+        ref = comm_ops.alltoall_pooled(ref_x, batch_sizes, dims, group=dist.group.WORLD).wait()  # TorchRec's, gloo
+        assert pooled_shm.calls == before + 1
+        (ref * w).sum().backward()
+        assert out.shape == (batch_sizes[rank], sum(dims))
+        assert torch.equal(out, ref), (rank, batch_sizes)
+        assert torch.equal(x.grad, ref_x.grad), (rank, batch_sizes)  # incl. the division by world size
+        checked.append(sum(batch_sizes))
+    destroy()
+    return {"checked": checked}
+
+
+def test_fused_pooled_all_to_all_equals_torchrec_values_and_gradients_with_fallback():
+    results = launch(_fused_pooled_worker, (), nproc=2)
+    assert results[0]["checked"] == results[1]["checked"] == [8, 16000]

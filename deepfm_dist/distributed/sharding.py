@@ -32,7 +32,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
 from deepfm_dist.config import SHARDING_TYPES, Config
 from deepfm_dist.data.schema import feature_specs
-from deepfm_dist.distributed import shm
+from deepfm_dist.distributed import pooled_shm, shm
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
 from deepfm_dist.hugepages import advise_huge_pages
 from deepfm_dist.model import init_table_block, table_dim, table_name
@@ -327,6 +327,8 @@ def sharding_process_group(cfg: Config, env: DistEnv) -> torch.distributed.Proce
     if mode == "shm" or (mode == "auto" and available):
         room, found = shm.room_on_every_rank(cfg.sharding.shm_buffer_mb, env.local_world_size)
         if room:
+            if cfg.sharding.shm_fused_pooled:
+                pooled_shm.install()
             return shm.new_shm_group(cfg.sharding.shm_buffer_mb)
         if mode == "shm":
             raise ValueError(f"sharding.intra_node_comm='shm': not enough shared memory on every node ({found}); "

@@ -177,21 +177,31 @@ class SharedSegments:
 
         ``skip_own``: the bytes for this rank itself (``offsets[rank]:offsets[rank + 1]``) are
         not written: no peer reads them, and the caller copies them straight to its output."""
-        self.seq += 1
-        parity = self.seq % 2
-        self._wait(_DONE, self.seq - 2)  # everyone is done reading what we wrote two ops ago
-        header = self.headers[self.rank][parity]
-        if payload is None:
-            header[0] = -1
-        else:
-            buf = self.data[self.rank][parity]
+        def write(buf: torch.Tensor) -> None:
             if skip_own:
                 own_start, own_end = offsets[self.rank], offsets[self.rank + 1]
                 buf[:own_start].copy_(payload[:own_start])
                 buf[own_end: payload.numel()].copy_(payload[own_end:])
             else:
                 buf[: payload.numel()].copy_(payload)
-            header[0] = payload.numel()
+
+        return self.exchange_written(None if payload is None else write, offsets,
+                                     0 if payload is None else payload.numel())
+
+    def exchange_written(self, write, offsets: list[int], nbytes: int) -> tuple[bool, int]:
+        """``exchange`` where ``write(buf)`` fills this rank's buffer (flat uint8) with the
+        ``nbytes`` it publishes, in place; ``write`` is None, or ``nbytes`` is over the capacity,
+        when the payload does not fit. Lets a caller gather strided data straight into shared
+        memory."""
+        self.seq += 1
+        parity = self.seq % 2
+        self._wait(_DONE, self.seq - 2)  # everyone is done reading what we wrote two ops ago
+        header = self.headers[self.rank][parity]
+        if write is None or nbytes > self.capacity:
+            header[0] = -1
+        else:
+            write(self.data[self.rank][parity])
+            header[0] = nbytes
             header[1: 2 + self.size] = offsets
         self.flags[self.rank][_READY] = self.seq
         self._wait(_READY, self.seq)
@@ -290,6 +300,8 @@ class ShmProcessGroup(dist.ProcessGroup):
         """``destroy_process_group``: this rank takes part in no further operation; say so and
         unmap (a process that shards models repeatedly does not accumulate segments)."""
         self.segments.release()
+        if _by_name.get(self._name) is self:
+            del _by_name[self._name]
         self.inner.shutdown()
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts):
@@ -334,7 +346,24 @@ def _create(opts, _backend_options) -> ShmProcessGroup:
     store, rank, size, timeout = opts.store, opts.group_rank, opts.group_size, opts.timeout
     inner = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, timeout)
     segments = SharedSegments(dist.PrefixStore("shm", store), rank, size, _capacity_bytes, timeout)
-    return ShmProcessGroup(inner, segments, name=opts.group_id)
+    group = ShmProcessGroup(inner, segments, name=opts.group_id)
+    _by_name[opts.group_id] = group
+    return group
+
+
+_by_name: dict[str, ShmProcessGroup] = {}
+"""This process's live shared-memory backends by group name (``backend_of``)."""
+
+
+def backend_of(group) -> ShmProcessGroup | None:
+    """The shared-memory backend behind a c10d group, or None when it has none (gloo, NCCL,
+    None, or a group already destroyed)."""
+    try:
+        name = group.group_name
+    except (AttributeError, RuntimeError):
+        return None
+    backend = _by_name.get(name)
+    return backend if backend is not None and backend.segments.flags is not None else None
 
 
 def room_on_every_rank(capacity_mb: float, local_world_size: int) -> tuple[bool, str]:
