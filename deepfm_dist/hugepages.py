@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -103,8 +104,6 @@ def advise_huge_pages(tensors: Iterable[torch.Tensor], min_bytes: int = 4 * HUGE
 
 
 def _errno_text() -> str:
-    import os
-
     err = ctypes.get_errno()
     return f"{os.strerror(err)} (errno {err})"
 

@@ -202,7 +202,7 @@ class PeerWait:
     process has no shared-memory group (one rank, gloo or NCCL collectives)."""
 
     def __init__(self):
-        self.start = self.end = shm.peer_wait_seconds()
+        self.mark_start()
 
     def mark_start(self) -> None:
         self.start = self.end = shm.peer_wait_seconds()

@@ -46,16 +46,18 @@ def _exchange(backend: shm.ShmProcessGroup, fill, chunk_bytes: list[int], assemb
     every rank's chunk for this rank (flat, ``dtype``; None for this rank's own, which the caller
     has). When any rank's payload does not fit the segments, every rank sends
     ``fallback_input()`` (flat, TorchRec's layout) through gloo instead, and ``assemble`` gets the
-    chunks from there with ``via_gloo`` True."""
+    chunks from there with ``via_gloo`` True. ``out_splits``: the elements this rank gets from
+    each rank; ``in_splits``: those it sends to each."""
     seg, me, world = backend.segments, backend.rank(), backend.size()
     offsets = _cumsum(chunk_bytes)
     all_fit, parity = seg.exchange_written(fill, offsets, offsets[-1])
     if all_fit:
+        item = torch.empty((), dtype=dtype).element_size()
         for p in range(world):
             if p == me:
                 assemble(p, None, False)
             else:
-                start, end = int(seg.headers[p][parity][1 + me]), int(seg.headers[p][parity][2 + me])
+                start, end = seg.received_range(p, parity, out_splits[p] * item)
                 assemble(p, seg.data[p][parity][start:end].view(dtype), False)
         seg.finish()
         return

@@ -210,6 +210,18 @@ class SharedSegments:
     def finish(self) -> None:
         self.flags[self.rank][_DONE] = self.seq
 
+    def received_range(self, p: int, parity: int, expected_bytes: int) -> tuple[int, int]:
+        """After ``exchange``: where rank p's bytes for this rank lie in p's buffer
+        ``data[p][parity]`` (``[start, end)``, from p's header). Raises, naming both ranks,
+        when p sends another amount than this rank expects (finishing the operation first,
+        so no peer waits on it)."""
+        start, end = int(self.headers[p][parity][1 + self.rank]), int(self.headers[p][parity][2 + self.rank])
+        if end - start != expected_bytes:
+            self.finish()
+            raise RuntimeError(f"all_to_all: rank {p} sends {end - start} bytes to rank {self.rank}, "
+                               f"which expects {expected_bytes}")
+        return start, end
+
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
@@ -258,11 +270,7 @@ class ShmProcessGroup(dist.ProcessGroup):
                                                                               dtype=torch.uint8)
         pos = 0
         for p in range(world):
-            start, end = int(seg.headers[p][parity][1 + self.rank()]), int(seg.headers[p][parity][2 + self.rank()])
-            if end - start != out_rows[p] * out_row_bytes:
-                seg.finish()
-                raise RuntimeError(f"all_to_all: rank {p} sends {end - start} bytes to rank {self.rank()}, "
-                                   f"which expects {out_rows[p] * out_row_bytes}")
+            start, end = seg.received_range(p, parity, out_rows[p] * out_row_bytes)
             source = payload if p == self.rank() else seg.data[p][parity]
             out[pos: pos + end - start].copy_(source[start:end])
             pos += end - start
