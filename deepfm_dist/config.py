@@ -209,20 +209,28 @@ class ShardingConfig:
     comm_precision: str = "fp32"
     """Precision of the embedding all-to-all (TorchRec quantized comms): fp32, fp16 or bf16."""
     intra_node_comm: str = "auto"
-    """CPU ranks on one node: ``shm`` serves the sharded model's all-to-alls and DDP's gradient
-    all-reduce from shared memory (distributed/shm.py; 2.5-4.7x faster than gloo's loopback
-    TCP here), ``gloo`` keeps gloo for everything, ``auto`` picks shm when every rank is a CPU
-    rank on this node (x86-64) and gloo otherwise (several nodes, GPUs: NCCL)."""
+    """CPU ranks on one node: ``auto`` sends DDP's dense-gradient all-reduce through shared memory
+    (a DDP communication hook, distributed/ddp_hook.py) when every rank is a CPU rank on this node
+    (x86-64) with room in /dev/shm, and uses gloo otherwise; ``shm`` insists on shared memory (an
+    error where it cannot be had); ``gloo`` keeps gloo for everything. The sharded model, its
+    checkpoints and its embedding all-to-alls stay on the stock group (gloo; NCCL on GPUs) unless
+    ``shm_all_to_all`` is set."""
     shm_buffer_mb: float = 32.0
     """With shared-memory comms: MiB one rank can send in one operation; two such buffers per
     rank are reserved in /dev/shm (auto falls back to gloo, with a message, when /dev/shm is
     too small, as in containers with the 64 MiB default). A larger operation goes through gloo
-    on every rank. Batch 2048 with 26 dim-16 features sends 4.3 MB per all-to-all."""
+    on every rank."""
+    shm_all_to_all: bool = False
+    """Opt-in, off by default: also the embedding all-to-alls through shared memory. DMP is then
+    handed a process group of our own (backend ``deepfm_shm``, distributed/shm.py) in place of
+    gloo, which torch and TorchRec do not know by name; use it for throughput runs, not for jobs
+    whose checkpoints matter. Needs shared memory (``intra_node_comm`` auto or shm)."""
     shm_fused_pooled: bool = True
-    """With shared-memory comms: the pooled-embedding all-to-all (table- and column-wise
-    sharding) moves the rows straight between the lookup output, shared memory and the MLP's
-    input, in 3 passes instead of TorchRec's 8 (distributed/pooled_shm.py; same values).
-    false: TorchRec's own All2All_Pooled path over the same shared memory."""
+    """With ``shm_all_to_all``: the pooled-embedding all-to-all (table- and column-wise sharding)
+    moves the rows straight between the lookup output, shared memory and the MLP's input
+    (distributed/pooled_shm.py; same values). This replaces TorchRec's ``alltoall_pooled`` by
+    name; start-up checks that it is the function this was written for. false: TorchRec's own
+    path over the same shared memory."""
 
     def __post_init__(self) -> None:
         allowed = ("auto", *SHARDING_TYPES)
@@ -239,6 +247,8 @@ class ShardingConfig:
             "sharding.intra_node_comm", self.intra_node_comm, f"one of {', '.join(INTRA_NODE_COMMS)}",
         )
         _require(self.shm_buffer_mb > 0, "sharding.shm_buffer_mb", self.shm_buffer_mb, "a positive number of MiB")
+        _require(not (self.shm_all_to_all and self.intra_node_comm == "gloo"), "sharding.shm_all_to_all",
+                 self.shm_all_to_all, "false with sharding.intra_node_comm=gloo (it needs shared memory)")
 
 
 @dataclass

@@ -372,6 +372,8 @@ def run(setup: Setup) -> dict:
     # GPU alike, whatever optimizer trained the tables); fp32 comms keep the scores exact.
     cfg.optimizer.embedding = "sgd"
     cfg.sharding.comm_precision = "fp32"
+    # The stock process group: the opt-in shared-memory group cannot load checkpoints.
+    cfg.sharding.shm_all_to_all = False
     quiet_library_noise()
     env = init_distributed(args.device)
     try:

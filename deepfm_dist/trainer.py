@@ -302,6 +302,12 @@ class Trainer:
         if path is None:
             self.log(f"resume: no complete checkpoint in {self.cfg.checkpoint_dir}; starting fresh")
             return
+        if self.cfg.sharding.shm_all_to_all:
+            raise ValueError(
+                f"cannot resume from {path} with sharding.shm_all_to_all=true: torch's sharded tensors "
+                f"do not know that process group by name and fail to load a checkpoint on a rank that holds "
+                f"no shard of a table. Resume with sharding.shm_all_to_all=false (the checkpoint is the same)."
+            )
         # The dense optimizer's state is created lazily; make it so DCP can load into it.
         self.opts.dense.init_state()
         meta = ckpt.load(path, model=self.model, optimizer=self.opts.combined)

@@ -125,11 +125,12 @@ def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> d
 
     quiet_library_noise()
     cfg = make_config(sharding_type, rich)
-    cfg.sharding.intra_node_comm = comm
+    cfg.sharding.intra_node_comm = "auto" if comm == "shm_all_to_all" else comm
+    cfg.sharding.shm_all_to_all = comm == "shm_all_to_all"
     env = init_distributed("cpu")
     torch.set_num_threads(1)
     model, plan = shard_model(build_model(cfg), cfg, env)
-    used_shm = shm.groups_created > 0
+    shm_group = shm.groups_created > 0
     optimizer = build_optimizers(model, cfg.optimizer).combined
     losses = []
     for step in range(STEPS):
@@ -157,12 +158,12 @@ def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> d
         elif "sparse_fields" not in key:
             dense[key.split("model.", 1)[1]] = value.clone()
     kinds = {t: ps.sharding_type for mp in plan.plan.values() for t, ps in mp.items()}
-    from deepfm_dist.distributed import pooled_shm
+    from deepfm_dist.distributed import ddp_hook, pooled_shm
 
     fused_pooled = pooled_shm.calls
     destroy()
-    return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds, "shm": used_shm, "uncovered": uncovered,
-            "fused_pooled": fused_pooled}
+    return {"losses": losses, "tables": tables, "dense": dense, "kinds": kinds, "shm_group": shm_group,
+            "hook_buckets": ddp_hook.buckets_reduced, "uncovered": uncovered, "fused_pooled": fused_pooled}
 
 
 def reference(cfg: Config, rich: bool = False) -> tuple[list[float], dict, dict]:
@@ -212,16 +213,22 @@ def _reference_tables(model: DeepFM) -> dict[str, torch.Tensor]:
     [("table_wise", False, "auto"), ("column_wise", False, "auto"), ("row_wise", False, "auto"),
      ("table_row_wise", False, "auto"), ("table_column_wise", False, "auto"), ("data_parallel", False, "auto"),
      ("table_wise", True, "auto"), ("row_wise", True, "auto"),
-     # auto is shared memory on this x86-64 node; gloo for everything must match as well.
-     ("table_wise", False, "gloo"), ("row_wise", True, "gloo")],
+     # auto: gloo, with DDP's all-reduce through shared memory on this x86-64 node; gloo for
+     # everything, and the opt-in shared-memory all-to-alls, must match as well.
+     ("table_wise", False, "gloo"), ("row_wise", True, "gloo"),
+     ("table_wise", False, "shm_all_to_all"), ("column_wise", False, "shm_all_to_all")],
 )
 def test_two_ranks_match_single_process(sharding_type, rich, comm):
     from deepfm_dist.distributed import shm
 
     results = launch(rank_worker, (sharding_type, rich, comm), nproc=2)
-    # auto takes shared memory where it can: x86-64 and room in /dev/shm for both ranks' segments.
+    # Shared memory where it can be had: x86-64 and room in /dev/shm for both ranks' segments.
+    # By default only DDP's all-reduce (a comm hook) uses it; the sharded model keeps gloo.
     room = shm.supported() and shm.room_on_every_rank(Config().sharding.shm_buffer_mb, local_world_size=2)[0]
-    assert results[0]["shm"] == results[1]["shm"] == (comm == "shm" or (comm == "auto" and room))
+    for r in (0, 1):
+        assert results[r]["shm_group"] == (comm == "shm_all_to_all" and room)
+        hooked = comm == "auto" and room
+        assert (results[r]["hook_buckets"] >= STEPS) == hooked, results[r]["hook_buckets"]
     ref_losses, ref_tables, ref_dense = reference(make_config(sharding_type, rich), rich)
     if rich:
         assert set(ref_tables) == {"t_shared", "t_C3", "t_C4"}
@@ -230,9 +237,9 @@ def test_two_ranks_match_single_process(sharding_type, rich, comm):
     assert results[0]["uncovered"] == results[1]["uncovered"] == []
     # On shared memory, table- and column-wise pooled all-to-alls take the fused exchange
     # (distributed/pooled_shm.py): the comparison below then checks its values and gradients.
-    if results[0]["shm"] and sharding_type in ("table_wise", "column_wise"):
+    if results[0]["shm_group"] and sharding_type in ("table_wise", "column_wise"):
         assert results[0]["fused_pooled"] >= STEPS and results[1]["fused_pooled"] >= STEPS
-    if not results[0]["shm"]:
+    if not results[0]["shm_group"]:
         assert results[0]["fused_pooled"] == results[1]["fused_pooled"] == 0
     for rank in (0, 1):
         torch.testing.assert_close(results[rank]["losses"], ref_losses, rtol=1e-5, atol=1e-6)

@@ -7,8 +7,9 @@ A table-wise step exchanges, per rank: three small all-to-alls (the input dist's
 lengths and ids), the pooled embeddings forward and their gradients backward (B x K x W fp32:
 the per-rank batch, the sparse fields, the table row width), and one all-reduce of the dense
 gradients (the model's dense parameters, DDP's bucket). Each is timed here on its own, on the
-group the sharded model uses (``sharding.intra_node_comm``: shared memory or gloo on CPU, NCCL
-on GPU), with the ranks set up as in training (threads, pinning; CUDA synchronised before the clock),
+transport the sharded model uses (``sharding.intra_node_comm``: all-to-alls on gloo and the
+all-reduce on shared memory by default on CPU, both on shared memory with ``sharding.shm_all_to_all``;
+NCCL on GPU), with the ranks set up as in training (threads, pinning; CUDA synchronised before the clock),
 as a mean over ``--steps`` calls after ``--warmup``. ``samples_per_s`` in the JSON line is what a
 step would reach if it did nothing but these collectives, back to back on otherwise idle cores:
 an upper bound for the process group, to compare with ``step`` (see
@@ -29,7 +30,7 @@ from deepfm_dist.bench import report
 from deepfm_dist.bench.common import add_common_args, parse
 from deepfm_dist.distributed import shm
 from deepfm_dist.distributed.env import destroy, init_distributed, setup_cpu_rank
-from deepfm_dist.distributed.sharding import sharding_process_group
+from deepfm_dist.distributed.sharding import transport as model_transport
 from deepfm_dist.model.build import build_deepfm
 from deepfm_dist.model.deepfm import table_dim
 
@@ -50,13 +51,17 @@ def step_collectives(cfg, world: int) -> list[tuple[str, str, int, int, torch.dt
 
 
 def time_collective(kind: str, numel: int, dtype: torch.dtype, world: int, device: torch.device, warmup: int,
-                    steps: int, group) -> list[float]:
+                    steps: int, group, hook_state=None) -> list[float]:
     per = max(1, numel // world)
     x = torch.ones(per * world, device=device, dtype=dtype)
     y = torch.empty_like(x)
     if kind == "all_to_all":
         def run():
             dist.all_to_all_single(y, x, group=group)
+    elif hook_state is not None:  # DDP's comm hook: shared memory, the stock group for oversized buckets
+        def run():
+            if not shm.allreduce_sum_(hook_state.segments, x):
+                dist.all_reduce(x, group=group)
     else:
         def run():
             dist.all_reduce(x, group=group)
@@ -81,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         threads, _ = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)
         # The group the sharded model would use (sharding.intra_node_comm).
-        group = sharding_process_group(cfg, env)
-        transport = "shared memory (+ gloo)" if isinstance(group, shm.ShmProcessGroup) else env.backend
+        comm = model_transport(cfg, env)
+        group, hook_state, transport = comm.group, comm.wrapper.hook_state, comm.description
         rows, step_s = [], 0.0
         for name, kind, count, numel, dtype in step_collectives(cfg, env.world_size):
-            times = time_collective(kind, numel, dtype, env.world_size, env.device, args.warmup, args.steps, group)
+            times = time_collective(kind, numel, dtype, env.world_size, env.device, args.warmup, args.steps, group,
+                                   hook_state)
             # Every rank's mean; the slowest decides (a collective ends when its last rank does).
             mean = torch.tensor([sum(times) / len(times)], dtype=torch.float64)
             if env.world_size > 1:

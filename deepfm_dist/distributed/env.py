@@ -64,6 +64,18 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     return dist.PrefixStore(f"deepfm/attempt_{attempt}", store)
 
 
+_store: dist.Store | None = None
+"""The rendezvous store of this attempt's default group (``init_distributed``)."""
+
+
+def rendezvous_store(prefix: str) -> dist.Store:
+    """A namespace of the default group's rendezvous store, for side channels every rank sets up
+    together (the shared-memory segments of the gradient all-reduce)."""
+    if _store is None:
+        raise RuntimeError("rendezvous_store: the default process group was not made by init_distributed")
+    return dist.PrefixStore(prefix, _store)
+
+
 def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistEnv:
     """Join (or create) the default process group: NCCL for CUDA, gloo for CPU.
 
@@ -83,10 +95,12 @@ def init_distributed(requested_device: str, timeout_s: float = 1800) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        global _store
         timeout = datetime.timedelta(seconds=timeout_s)
+        _store = _attempt_store(rank, world_size, timeout)
         dist.init_process_group(
             backend=backend,
-            store=_attempt_store(rank, world_size, timeout),
+            store=_store,
             rank=rank,
             world_size=world_size,
             timeout=timeout,

@@ -16,7 +16,8 @@ the all-to-all, then a ``div_`` by world size. On the shared-memory group
 Measured on the 2-core machine with timers around both paths in the 2-rank step: ~4.3 ms per
 step in TorchRec's four autograd functions against ~2.0 ms here, waits included
 (benchmarks/cpu-2core_202612.md). The values are bitwise those of TorchRec's path: the same bytes are moved, and the gradient is divided by W with the same
-``div``. ``install()`` routes ``alltoall_pooled`` here for groups served by shared memory, and
+``div``. This replaces a TorchRec function by name, so it is opt-in (``sharding.shm_all_to_all``)
+and ``install()`` first checks that the function is the one this was written for. ``install()`` routes ``alltoall_pooled`` here for groups served by shared memory, and
 leaves every other group (gloo, NCCL, quantized comms, sync collectives) to TorchRec. The
 collectives run in the same order on every rank, as the protocol needs.
 """
@@ -133,15 +134,45 @@ class _PooledAllToAll(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+_EXPECTED_PARAMETERS = ["a2a_pooled_embs_tensor", "batch_size_per_rank", "dim_sum_per_rank",
+                        "dim_sum_per_rank_tensor", "cumsum_dim_sum_per_rank_tensor", "group", "codecs",
+                        "all_to_all_single_comm"]
+
+
+def check_replaceable(comm_ops, dist_data) -> None:
+    """Raise, saying what differs, unless TorchRec's ``alltoall_pooled`` is the function this
+    module was written for (TorchRec 1.8): the same parameters, defined in ``comm_ops``, and the
+    name ``PooledEmbeddingsAllToAll.forward`` calls it by in ``dist_data``."""
+    import inspect
+
+    fn = getattr(comm_ops, "alltoall_pooled", None)
+    problems = []
+    if fn is None or getattr(fn, "__module__", "") != "torchrec.distributed.comm_ops":
+        problems.append(f"comm_ops.alltoall_pooled is {fn!r}, not TorchRec's own function")
+    elif list(inspect.signature(fn).parameters) != _EXPECTED_PARAMETERS:
+        problems.append(f"alltoall_pooled's parameters are {list(inspect.signature(fn).parameters)}, "
+                        f"expected {_EXPECTED_PARAMETERS}")
+    if getattr(dist_data, "alltoall_pooled", None) is not fn:
+        problems.append("dist_data.alltoall_pooled is not comm_ops.alltoall_pooled")
+    forward = getattr(getattr(dist_data, "PooledEmbeddingsAllToAll", None), "forward", None)
+    if forward is None or "alltoall_pooled" not in forward.__code__.co_names:
+        problems.append("PooledEmbeddingsAllToAll.forward no longer calls alltoall_pooled")
+    if problems:
+        raise RuntimeError("sharding.shm_fused_pooled: this TorchRec is not the one the fused pooled all-to-all "
+                           "was written for (" + "; ".join(problems) + "); set sharding.shm_fused_pooled=false")
+
+
 def install() -> None:
     """Route TorchRec's ``alltoall_pooled`` through ``_PooledAllToAll`` for shared-memory
-    groups (idempotent; every other call goes to TorchRec's own function unchanged)."""
+    groups (idempotent; every other call goes to TorchRec's own function unchanged). Raises
+    before changing anything when TorchRec's function is not the expected one."""
     global _installed
     if _installed:
         return
     from torchrec.distributed import comm_ops, dist_data
     from torchrec.distributed.types import NoWait
 
+    check_replaceable(comm_ops, dist_data)
     original = comm_ops.alltoall_pooled
 
     def alltoall_pooled(a2a_pooled_embs_tensor, batch_size_per_rank, dim_sum_per_rank, dim_sum_per_rank_tensor=None,

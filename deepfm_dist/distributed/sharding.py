@@ -33,6 +33,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from deepfm_dist.config import SHARDING_TYPES, Config
 from deepfm_dist.data.schema import feature_specs
 from deepfm_dist.distributed import pooled_shm, shm
+from deepfm_dist.distributed.ddp_hook import DeepFMDataParallelWrapper, ShmAllReduceState
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
 from deepfm_dist.hugepages import advise_huge_pages
 from deepfm_dist.model import init_table_block, table_dim, table_name
@@ -313,9 +314,10 @@ def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
     return touched
 
 
-def sharding_process_group(cfg: Config, env: DistEnv) -> torch.distributed.ProcessGroup:
-    """The group of the sharded model's collectives (``sharding.intra_node_comm``): shared memory
-    for CPU ranks that are all on this node, else the default group. Every rank calls it."""
+def use_shared_memory(cfg: Config, env: DistEnv) -> bool:
+    """Whether this run's ranks exchange through shared memory (``sharding.intra_node_comm``):
+    CPU ranks all on this node (x86-64) with room in /dev/shm on every rank. Collective: every
+    rank calls it and all get the same answer."""
     available = (env.device.type == "cpu" and env.world_size > 1 and env.world_size == env.local_world_size
                  and shm.supported())
     mode = cfg.sharding.intra_node_comm
@@ -324,32 +326,71 @@ def sharding_process_group(cfg: Config, env: DistEnv) -> torch.distributed.Proce
             f"sharding.intra_node_comm='shm' needs CPU ranks all on one x86-64 node; here: {env.world_size} "
             f"rank(s), {env.local_world_size} on this node, device {env.device.type}, {platform.machine()}"
         )
-    if mode == "shm" or (mode == "auto" and available):
-        room, found = shm.room_on_every_rank(cfg.sharding.shm_buffer_mb, env.local_world_size)
-        if room:
-            if cfg.sharding.shm_fused_pooled:
-                pooled_shm.install()
-            return shm.new_shm_group(cfg.sharding.shm_buffer_mb)
-        if mode == "shm":
-            raise ValueError(f"sharding.intra_node_comm='shm': not enough shared memory on every node ({found}); "
-                             f"lower sharding.shm_buffer_mb or use gloo")
-        if env.is_main:
-            print(f"deepfm: sharding.intra_node_comm=auto: using gloo, not shared memory ({found}; "
-                  f"see sharding.shm_buffer_mb)", flush=True)
-    return torch.distributed.GroupMember.WORLD
+    if mode == "gloo" or not available:
+        return False
+    room, found = shm.room_on_every_rank(cfg.sharding.shm_buffer_mb, env.local_world_size)
+    if room:
+        return True
+    if mode == "shm":
+        raise ValueError(f"sharding.intra_node_comm='shm': not enough shared memory on every node ({found}); "
+                         f"lower sharding.shm_buffer_mb or use gloo")
+    if env.is_main:
+        print(f"deepfm: sharding.intra_node_comm=auto: using gloo, not shared memory ({found}; "
+              f"see sharding.shm_buffer_mb)", flush=True)
+    return False
+
+
+@dataclass
+class Transport:
+    """How the sharded model's collectives travel (``transport``)."""
+
+    group: torch.distributed.ProcessGroup
+    """The group DMP, DCP and the sharded tensors get: the stock default group, unless
+    ``sharding.shm_all_to_all`` (opt-in) asked for the shared-memory group."""
+    wrapper: DeepFMDataParallelWrapper
+    """DMP's DDP wrapper of the dense part, with the shared-memory all-reduce hook when used."""
+    description: str
+
+
+def transport(cfg: Config, env: DistEnv) -> Transport:
+    """The process group for DMP and the DDP wrapper of the dense part. Every rank calls it.
+
+    Default: the stock group (gloo / NCCL) everywhere; on CPU ranks of one node DDP's gradient
+    all-reduce goes through shared memory by a DDP communication hook (``distributed/ddp_hook.py``).
+    ``sharding.shm_all_to_all`` (opt-in) hands DMP the shared-memory group itself, so that the
+    embedding all-to-alls go through shared memory too, and with ``sharding.shm_fused_pooled``
+    replaces TorchRec's ``alltoall_pooled`` (checked at start-up to be the function it was
+    written for)."""
+    stock = torch.distributed.GroupMember.WORLD
+    if not use_shared_memory(cfg, env):
+        return Transport(stock, DeepFMDataParallelWrapper(), env.backend)
+    if cfg.sharding.shm_all_to_all:
+        if cfg.sharding.shm_fused_pooled:
+            pooled_shm.install()
+        return Transport(shm.new_shm_group(cfg.sharding.shm_buffer_mb), DeepFMDataParallelWrapper(),
+                         "shared memory for all-to-alls and all-reduce (sharding.shm_all_to_all)"
+                         + (", fused pooled all-to-all" if cfg.sharding.shm_fused_pooled else ""))
+    state = ShmAllReduceState.create(cfg.sharding.shm_buffer_mb)
+    return Transport(stock, DeepFMDataParallelWrapper(state),
+                     f"{env.backend}, dense gradient all-reduce through shared memory")
 
 
 def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan, shard with DMP (dense part under DDP), and initialise the tables."""
     sharder = make_sharder(cfg)
     plan = plan_sharding(module, cfg, env, sharder)
+    comm = transport(cfg, env)
     dmp = DistributedModelParallel(
         module=module,
-        env=ShardingEnv.from_process_group(sharding_process_group(cfg, env)),
+        env=ShardingEnv.from_process_group(comm.group),
         device=env.device,
         plan=plan,
         sharders=[sharder],
+        data_parallel_wrapper=comm.wrapper,
     )
+    if env.is_main and env.world_size > 1:
+        print(f"deepfm: transport: {comm.description} (sharding.intra_node_comm={cfg.sharding.intra_node_comm})",
+              flush=True)
     init_sharded_tables(dmp, cfg)
     if cfg.train.huge_pages and env.device.type == "cpu":
         # After the tables are written: their pages are moved, not faulted in afresh.

@@ -10,7 +10,9 @@ straight from input to output), an all-reduce one copy in and a sum over the seg
 ranks, the peer's copy added in place), done by the calling thread, with no socket and no
 thread hand-off.
 
-``ShmProcessGroup`` is a ``torch.distributed.ProcessGroup`` (registered as backend
+By default only DDP's gradient all-reduce uses these segments, through a DDP communication
+hook (``distributed/ddp_hook.py``, ``allreduce_sum_``). ``ShmProcessGroup`` (opt-in,
+``sharding.shm_all_to_all``) is a ``torch.distributed.ProcessGroup`` (registered as backend
 ``deepfm_shm``) that serves ``alltoall_base`` (TorchRec's embedding all-to-alls) and
 ``allreduce`` of one floating-point tensor with SUM (DDP's gradient buckets) from shared memory
 and hands every other collective to a gloo group it wraps. An operation larger than the segments
@@ -223,6 +225,33 @@ class SharedSegments:
         return start, end
 
 
+def allreduce_sum_(seg: SharedSegments, tensor: torch.Tensor) -> bool:
+    """Sum ``tensor`` over the ranks of ``seg`` in place through shared memory. Returns False,
+    leaving ``tensor`` unchanged, when it cannot go this way: not a contiguous floating-point CPU
+    tensor (decided locally: every rank passes the same kind of tensor), or larger than some rank's
+    buffer (agreed by all ranks through the headers). The caller then uses another transport."""
+    if not tensor.is_floating_point() or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return False
+    nbytes = tensor.numel() * tensor.element_size()
+    fits = nbytes <= seg.capacity
+    all_fit, parity = seg.exchange(_flat_bytes(tensor) if fits else None, [0] * (seg.size + 1))
+    if not all_fit:
+        seg.finish()
+        return False
+    views = [seg.data[p][parity][:nbytes].view(tensor.dtype).view(tensor.shape) for p in range(seg.size)]
+    if seg.size == 2:
+        # a + b == b + a exactly in IEEE arithmetic: each rank adds the other's copy to its
+        # own tensor, and both get bitwise the same sum with one pass fewer.
+        tensor.add_(views[1 - seg.rank])
+    else:
+        # The same order on every rank, so every replica gets bitwise the same sum.
+        tensor.copy_(views[0])
+        for v in views[1:]:
+            tensor.add_(v)
+    seg.finish()
+    return True
+
+
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
@@ -280,28 +309,9 @@ class ShmProcessGroup(dist.ProcessGroup):
         return _completed([output])
 
     def allreduce(self, tensors, opts):
-        seg = self.segments
         tensor = tensors[0] if len(tensors) == 1 else None
-        if (tensor is None or opts.reduceOp != dist.ReduceOp.SUM or not tensor.is_floating_point()
-                or tensor.device.type != "cpu" or not tensor.is_contiguous()):
+        if tensor is None or opts.reduceOp != dist.ReduceOp.SUM or not allreduce_sum_(self.segments, tensor):
             return self.inner.allreduce(tensors, opts)
-        nbytes = tensor.numel() * tensor.element_size()
-        fits = nbytes <= seg.capacity
-        all_fit, parity = seg.exchange(_flat_bytes(tensor) if fits else None, [0] * (self.size() + 1))
-        if not all_fit:
-            seg.finish()
-            return self.inner.allreduce(tensors, opts)
-        views = [seg.data[p][parity][:nbytes].view(tensor.dtype).view(tensor.shape) for p in range(self.size())]
-        if self.size() == 2:
-            # a + b == b + a exactly in IEEE arithmetic: each rank adds the other's copy to its
-            # own tensor, and both get bitwise the same sum with one pass fewer.
-            tensor.add_(views[1 - self.rank()])
-        else:
-            # The same order on every rank, so every replica gets bitwise the same sum.
-            tensor.copy_(views[0])
-            for v in views[1:]:
-                tensor.add_(v)
-        seg.finish()
         return _completed(tensors)
 
     def shutdown(self) -> None:
