@@ -31,3 +31,33 @@ ensure_synthetic_data() {
       --train-rows "${SYNTHETIC_TRAIN_ROWS:-1000000}" --val-rows "${SYNTHETIC_VAL_ROWS:-100000}"
   fi
 }
+
+# run_agent CMD...: run a torchrun agent and pass SIGTERM / SIGUSR1 (Slurm's warning, a user's
+# `kill`) to its ranks instead of to the agent. The ranks agree on the stop at their next step,
+# write a checkpoint and exit 0, so the agent ends normally; an agent that receives the signal
+# itself raises, kills the ranks after its shutdown timeout (30 s) whatever they are writing,
+# and exits 1 with a traceback. Returns the agent's exit status and, after a signal, says in
+# one line what happened.
+run_agent() {
+  "$@" &
+  AGENT_PID=$!
+  STOP_SIGNAL=""
+  trap 'STOP_SIGNAL=TERM; pkill -TERM -P "$AGENT_PID" || true' TERM
+  trap 'STOP_SIGNAL=USR1; pkill -USR1 -P "$AGENT_PID" || true' USR1
+  local rc
+  while true; do
+    rc=0
+    wait "$AGENT_PID" || rc=$?
+    # wait returns early when a trapped signal arrives: keep waiting while the agent runs.
+    if ! kill -0 "$AGENT_PID" 2>/dev/null; then break; fi
+  done
+  trap - TERM USR1
+  if [[ -n "$STOP_SIGNAL" ]]; then
+    if [[ "$rc" -eq 0 ]]; then
+      echo "deepfm: SIG$STOP_SIGNAL received: the ranks wrote a checkpoint and stopped; continue with --resume" >&2
+    else
+      echo "deepfm: SIG$STOP_SIGNAL received, and the ranks did not stop cleanly (exit $rc); see above" >&2
+    fi
+  fi
+  return "$rc"
+}

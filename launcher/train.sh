@@ -8,7 +8,9 @@
 # Knobs (environment): NPROC (ranks; default: one per GPU, else 2 CPU ranks), CONFIG (TOML
 # preset; default: the embedded deepfm_dist/configs/default.toml), MASTER_PORT (default: a free port),
 # LOG_RANK (rank whose output torchrun shows; default 0), SYNTHETIC_DIR, SYNTHETIC_TRAIN_ROWS,
-# SYNTHETIC_VAL_ROWS (the default data set, generated once when absent), VENV.
+# SYNTHETIC_VAL_ROWS (the default data set, generated once when absent), MAX_RESTARTS (torchrun
+# restarts the ranks after a failure, resuming from the latest checkpoint; default 0), VENV.
+# SIGTERM / SIGUSR1 to this script: the ranks checkpoint at their next step and exit 0.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -30,6 +32,6 @@ if [[ -n "${CONFIG:-}" ]]; then CONFIG_ARGS=(--config "$CONFIG"); fi
 # The default preset reads data/generated/synthetic; make it once if it is not there.
 if [[ -z "${CONFIG:-}" ]]; then ensure_synthetic_data "$PY"; fi
 
-exec "$VENV/bin/torchrun" "${RDZV_ARGS[@]}" --nnodes=1 --nproc_per_node="$NPROC" \
-  --local-ranks-filter="$LOG_RANK" \
+run_agent "$VENV/bin/torchrun" "${RDZV_ARGS[@]}" --nnodes=1 --nproc_per_node="$NPROC" \
+  --max-restarts="${MAX_RESTARTS:-0}" --local-ranks-filter="$LOG_RANK" \
   -m deepfm_dist.train "${CONFIG_ARGS[@]}" "$@"

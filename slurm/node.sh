@@ -24,7 +24,8 @@ if [[ -n "${CONFIG:-}" ]]; then CONFIG_ARGS=(--config "$CONFIG"); fi
 
 # --resume: a requeued job (same SLURM_JOB_ID, so the same RUN_DIR) continues from its latest
 # checkpoint; a fresh job finds none and starts from scratch.
-exec "$VENV/bin/torchrun" \
+# run_agent (launcher/common.sh): Slurm's --signal=TERM@300 goes to the ranks, not the agent.
+run_agent "$VENV/bin/torchrun" \
   --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:${MASTER_PORT:-29500}" --rdzv_id="$SLURM_JOB_ID" \
   --max-restarts="${MAX_RESTARTS:-3}" \
