@@ -10,15 +10,20 @@ Layout of ``<checkpoint.dir>``::
     step_000000150.tmp/      being written (or left by a crash): never loaded, removed later
 
 Only tensors go through DCP (optimizer ``param_groups`` are rebuilt from the config and the LR
-schedule), the rest is JSON, so loading unpickles nothing of ours. DCP stores each shard with
+schedule), the rest is JSON. DCP's own reader unpickles ``.metadata`` with ``pickle.load``, so a
+crafted checkpoint could run code: every load here goes through ``dcp_load``, whose reader
+admits only the classes DCP's metadata consists of and whose planner reads byte items with
+``weights_only=True`` (``UnsafeCheckpointError`` otherwise, naming the file). DCP stores each shard with
 its global offsets, so a checkpoint written by N ranks with one plan loads into M ranks with
 another (table-wise -> row-wise, 2 ranks -> 1).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -27,6 +32,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 _COMPLETE = re.compile(r"^step_(\d{9})$")
 META = "meta.json"
@@ -63,6 +71,109 @@ def read_meta(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is not a complete checkpoint: {META} is missing") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file asks to build something a checkpoint cannot hold (code, not data)."""
+
+
+# What DCP's .metadata is made of (torch 2.13): its dataclasses and enums, the file reader's
+# storage records, tensor sizes, dtypes and layouts, and paths. Nothing here runs code when built.
+_METADATA_MODULES = {"torch.distributed.checkpoint.metadata"}
+_METADATA_NAMES = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if module in _METADATA_MODULES and not name.startswith("__"):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):  # the module's classes and enums, not its functions
+                return obj
+        elif (module, name) in _METADATA_NAMES:
+            return super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"{self.path}: refused: it asks to load {module}.{name}, which is no part of a checkpoint's "
+            f"metadata (a crafted file can run code this way). Load only checkpoints from a source you trust."
+        )
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with ``.metadata`` read by an unpickler that admits only DCP's metadata
+    classes (``StorageReader.read_metadata`` is DCP's extension point for this)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        path = os.path.join(str(self.path), name)
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f, path).load()
+        except UnsafeCheckpointError:
+            raise
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: not a readable checkpoint index ({type(e).__name__}: {e})") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP's Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, with byte items (non-tensor values) admitted only if they load
+    with ``torch.load(weights_only=True)`` (tensors, containers, numbers and strings)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"it asks to load {found.group(1)}" if found else str(e).split("\n")[0]
+            raise UnsafeCheckpointError(
+                f"{self.path}: refused: item {read_item.dest_index.fqn!r} is not plain data ({what}). "
+                f"Load only checkpoints from a source you trust."
+            ) from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def read_dcp_metadata(path: str) -> Metadata:
+    """The checkpoint's DCP index, read as ``dcp_load`` reads it: raises ``UnsafeCheckpointError``
+    (a ValueError naming the file) for one that would build anything but DCP's metadata. Lets a
+    tool check a checkpoint before it creates output or joins a process group."""
+    return SafeFileSystemReader(path).read_metadata()
+
+
+def dcp_load(payload: dict[str, Any], path: str) -> None:
+    """``dcp.load`` of ``path`` into ``payload`` in place, unpickling only data (see the module
+    docstring). Collective when a process group is initialised."""
+    read_dcp_metadata(path)  # our error, naming the file; DCP would wrap it in an AssertionError
+    try:
+        dcp.load(payload, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path))
+    except CheckpointException as e:  # DCP gathers each rank's exception: ours, if any, says it best
+        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]  # (exception, trace)
+        unsafe = [f for f in failures if isinstance(f, UnsafeCheckpointError)]
+        if unsafe:
+            raise unsafe[0] from None
+        raise
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -173,7 +284,7 @@ def load(path: str, *, model: torch.nn.Module, optimizer: Any | None) -> dict[st
     same_world = meta.get("world_size") == world
     if same_world:
         payload[_rank_key(rank)] = rng_state()
-    dcp.load(payload, checkpoint_id=path)
+    dcp_load(payload, path)
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])

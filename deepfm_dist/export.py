@@ -17,7 +17,6 @@ import os
 import sys
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from deepfm_dist import checkpoint as ckpt
 from deepfm_dist.config import Config, build_config
@@ -48,7 +47,7 @@ def consolidate(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
     cfg = build_config(meta["config"])
     state = build_plain_model(cfg).state_dict()
     payload = {"model": state}
-    dcp.load(payload, checkpoint_id=path)
+    ckpt.dcp_load(payload, path)
     return payload["model"], cfg, meta
 
 
@@ -56,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepfm-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint directory, or a folder of checkpoints (latest is used)")
     parser.add_argument("--out", default="model.pt", help="output file (default: model.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    for path in (args.out, args.out + ".json"):
+        if os.path.isdir(path):
+            print(f"deepfm-export: error: --out {args.out}: {path} is a directory", file=sys.stderr)
+            return 2
+        if os.path.exists(path) and not args.overwrite:
+            print(f"deepfm-export: error: --out {args.out}: {path} exists; pass --overwrite to replace it",
+                  file=sys.stderr)
+            return 2
     try:
         state, cfg, meta = consolidate(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:

@@ -149,6 +149,10 @@ def resolve_model(path: str) -> ModelSource:
             raise InputError(f"--model: {e}") from None
         if not os.path.isfile(os.path.join(found, ".metadata")):
             raise InputError(f"--model {found}: not a complete checkpoint (the DCP index .metadata is missing)")
+        try:  # read as the load will read it: a crafted index is refused here, before any output
+            ckpt.read_dcp_metadata(found)
+        except ValueError as e:
+            raise InputError(f"--model: {e}") from None
         kind, info = "checkpoint", meta
     else:
         found, info_path = path, path + ".json"
@@ -206,9 +210,39 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
 
-def prepare_out_dir(out: str, overwrite: bool, rank: int) -> None:
+def _is_local(spec: str) -> bool:
+    return "://" not in spec
+
+
+def check_out_apart_from_inputs(out: str, data_specs: list[str], files: list[str]) -> None:
+    """Refuses an ``--out`` that is, contains or lies inside any ``--data`` path or input file:
+    ``--overwrite`` removes ``part-NNNNN.parquet`` files there, the names Parquet data sets use."""
+    out_real = os.path.realpath(out)
+    inputs = []
+    for spec in filter(_is_local, data_specs):
+        cut = min([spec.index(c) for c in "*?[" if c in spec], default=-1)
+        # A glob's fixed folder (data/day_*/x -> data) counts as an input path.
+        inputs.append(spec if cut < 0 else (os.path.dirname(spec[:cut]) or "."))
+    inputs += [f for f in files if _is_local(f)]
+    for path in inputs:
+        real = os.path.realpath(path.rstrip("/") or "/")
+        if real == out_real:
+            why = "is"
+        elif os.path.commonpath([real, out_real]) == real and os.path.isdir(real):
+            why = "lies inside"
+        elif os.path.commonpath([real, out_real]) == out_real:
+            why = "contains"
+        else:
+            continue
+        raise InputError(f"--out {out}: {why} the input {path} (--data); write the predictions to a directory "
+                         f"apart from the data")
+
+
+def prepare_out_dir(out: str, overwrite: bool, rank: int) -> bool:
     """Creates ``out``; refuses one that holds a previous prediction unless ``overwrite``, in
-    which case rank 0 removes it (before the process group exists, so before any rank writes)."""
+    which case rank 0 removes it (before the process group exists, so before any rank writes):
+    only the files this tool writes there, nothing else. Returns whether ``out`` was created."""
+    created = not os.path.exists(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out}: exists and is not a directory")
     os.makedirs(out, exist_ok=True)
@@ -221,6 +255,7 @@ def prepare_out_dir(out: str, overwrite: bool, rank: int) -> None:
     if overwrite and rank == 0:
         for name in ours:
             os.remove(os.path.join(out, name))
+    return created
 
 
 class PartWriter:
@@ -320,6 +355,7 @@ class Setup:
     id_columns: list[str]
     loader: Any  # ParquetLoader
     plain_model: Any  # the exported model, or None for a checkpoint
+    created_out: bool  # --out did not exist before: removed again if scoring fails with it empty
 
 
 def prepare(args: argparse.Namespace) -> Setup:
@@ -355,8 +391,9 @@ def prepare(args: argparse.Namespace) -> Setup:
     except ValueError as e:
         raise InputError(f"--data: {e}") from None
     plain = build_exported(source) if source.kind == "exported" else None
-    prepare_out_dir(args.out, args.overwrite, rank)
-    return Setup(args, source, files, id_columns, loader, plain)
+    check_out_apart_from_inputs(args.out, list(args.data), files)
+    created = prepare_out_dir(args.out, args.overwrite, rank)
+    return Setup(args, source, files, id_columns, loader, plain, created)
 
 
 def run(setup: Setup) -> dict:
@@ -480,7 +517,15 @@ def main(argv: list[str] | None = None) -> int:
         if _env_rank()[0] == 0:  # every rank found the same problem; one says it
             print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    run(setup)
+    try:
+        run(setup)
+    except BaseException:
+        if setup.created_out:  # leave no empty output directory behind (a rank may have removed it)
+            try:
+                os.rmdir(setup.args.out)
+            except OSError:
+                pass
+        raise
     return 0
 
 

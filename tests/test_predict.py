@@ -190,3 +190,97 @@ def test_bad_input_is_named_before_anything_starts(trained, tmp_path, capsys):
     (tmp_path / "out" / "_summary.json").write_text("{}")
     err = _fails(capsys, ok)
     assert "--out" in err and "--overwrite" in err, err
+
+
+def test_out_apart_from_the_input_data(trained, tmp_path, capsys):
+    checkpoints, model_pt, labelled, unlabelled, root = trained
+    data = tmp_path / "data"
+    files = _with_ids(root / "ids", data)
+    before = {f: os.path.getsize(f) for f in files}
+    model = ["--model", str(model_pt)]
+    # --out is the data folder (with and without --overwrite), lies inside it, or contains it.
+    for out, extra, why in [(data, [], "is the input"), (data, ["--overwrite"], "is the input"),
+                            (data / "preds", [], "lies inside the input"), (tmp_path, ["--overwrite"], "contains the input")]:
+        err = _fails(capsys, [*model, "--data", str(data), "--out", str(out), *extra])
+        assert "--out" in err and why in err, err
+    # The same with a file and a glob naming the data.
+    err = _fails(capsys, [*model, "--data", files[0], "--out", str(data), "--overwrite"])
+    assert "contains the input" in err and files[0] in err, err
+    err = _fails(capsys, [*model, "--data", str(data / "*.parquet"), "--out", str(data / "p")])
+    assert "lies inside the input" in err, err
+    assert {f: os.path.getsize(f) for f in files} == before  # nothing touched
+    assert not (data / "preds").exists() and not (data / "p").exists()
+
+
+def test_export_refuses_to_overwrite_without_the_flag(trained, tmp_path, capsys):
+    checkpoints, *_ = trained
+    target = tmp_path / "data.parquet"
+    target.write_bytes(b"precious")
+    assert export_main([str(checkpoints), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and str(target) in err, err
+    assert target.read_bytes() == b"precious" and not (tmp_path / "data.parquet.json").exists()
+    assert export_main([str(checkpoints), "--out", str(target), "--overwrite"]) == 0
+    assert torch.load(target, weights_only=True)
+
+
+def _crafted_checkpoint(checkpoints, tmp_path, marker):
+    """A copy of a real checkpoint whose DCP index runs ``touch marker`` when unpickled."""
+    import pickle
+    import shutil
+
+    from deepfm_dist import checkpoint as ckpt
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "bad" / "step_000000012"
+    shutil.copytree(ckpt.latest(str(checkpoints)), bad)
+    (bad / ".metadata").write_bytes(pickle.dumps(Payload()))
+    return bad
+
+
+def test_a_checkpoint_cannot_run_code(trained, tmp_path, capsys):
+    from deepfm_dist import checkpoint as ckpt
+
+    checkpoints, _, labelled, _, root = trained
+    marker = tmp_path / "pwned"
+    bad = _crafted_checkpoint(checkpoints, tmp_path, marker)
+    # deepfm-export, deepfm-predict, and the loader every resume goes through.
+    assert export_main([str(bad), "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad / '.metadata'}: refused" in err and "system" in err, err
+    err = _fails(capsys, ["--model", str(bad), "--data", str(root / "ids"), "--out", str(tmp_path / "o")])
+    assert "refused" in err and str(bad) in err, err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="refused"):
+        ckpt.read_dcp_metadata(str(bad))
+    with pytest.raises(ckpt.UnsafeCheckpointError):
+        consolidate(str(bad))
+    assert not marker.exists()
+    # The genuine checkpoint passes the same reader.
+    assert ckpt.read_dcp_metadata(ckpt.latest(str(checkpoints))).state_dict_metadata
+
+
+def test_checkpoint_byte_items_load_only_plain_data(tmp_path):
+    """DCP stores non-tensor values as pickled byte items; ``dcp_load`` reads them weights-only."""
+    import torch.distributed.checkpoint as dcp
+
+    from deepfm_dist import checkpoint as ckpt
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    dcp.save({"t": torch.ones(2), "ok": {"step": 3, "name": "x"}}, checkpoint_id=str(tmp_path / "good"))
+    got = {"t": torch.zeros(2), "ok": {"step": 0, "name": ""}}
+    ckpt.dcp_load(got, str(tmp_path / "good"))
+    assert torch.equal(got["t"], torch.ones(2)) and got["ok"] == {"step": 3, "name": "x"}
+
+    dcp.save({"t": torch.ones(2), "evil": Payload()}, checkpoint_id=str(tmp_path / "bad"))
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="refused: item 'evil'"):
+        ckpt.dcp_load({"t": torch.zeros(2), "evil": None}, str(tmp_path / "bad"))
+    assert not marker.exists()
