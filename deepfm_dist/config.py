@@ -11,6 +11,7 @@ allowed. Values from the command line arrive as strings and are parsed by the fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -31,6 +32,8 @@ LR_DECAYS = ("none", "step", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 INTRA_NODE_COMMS = ("auto", "gloo", "shm")
+MAX_LR = 1e3
+"""Largest learning rate accepted: far above any useful one, and far below fp32's range."""
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 LINEAR_KERNELS = ("auto", "onednn", "torch")
@@ -173,7 +176,8 @@ class ModelConfig:
     embedding_dim: int = 16
     """D: size of each field vector shared by the FM term and the MLP."""
     mlp: list[int] = field(default_factory=lambda: [400, 400, 400])
-    """Hidden widths of the deep tower (its input is the F*D concatenated field vectors)."""
+    """Hidden widths of the deep tower (its input is the F*D concatenated field vectors);
+    ``none`` on the command line (``[]`` in TOML) for a tower without hidden layers."""
     activation: str = "relu"
     """Hidden activation of the deep tower: relu, gelu, silu or tanh."""
     batch_norm: bool = True
@@ -283,8 +287,9 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _require(self.embedding in EMBEDDING_OPTIMIZERS, "optimizer.embedding", self.embedding, f"one of {', '.join(EMBEDDING_OPTIMIZERS)}")
         _require(self.dense in DENSE_OPTIMIZERS, "optimizer.dense", self.dense, f"one of {', '.join(DENSE_OPTIMIZERS)}")
-        _require(self.embedding_lr > 0, "optimizer.embedding_lr", self.embedding_lr, "a positive float")
-        _require(self.dense_lr > 0, "optimizer.dense_lr", self.dense_lr, "a positive float")
+        for key, lr in (("optimizer.embedding_lr", self.embedding_lr), ("optimizer.dense_lr", self.dense_lr)):
+            # fp32 holds the rate inside the kernels and optimizers: 1e38 overflowed deep in torch.
+            _require(math.isfinite(lr) and 0 < lr <= MAX_LR, key, lr, f"a positive float <= {MAX_LR:g}")
         _require(self.embedding_eps > 0, "optimizer.embedding_eps", self.embedding_eps, "a positive float")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a float >= 0")
         _require(self.embedding_weight_decay >= 0, "optimizer.embedding_weight_decay", self.embedding_weight_decay, "a float >= 0")
@@ -465,8 +470,13 @@ def _coerce(key: str, tp: Any, raw: Any) -> Any:
         return raw
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(raw, str):
+        if isinstance(raw, str) and key == "model.mlp" and raw.strip().lower() == "none":
+            items = []  # no hidden layers, asked for explicitly
+        elif isinstance(raw, str):
             items = [s.strip() for s in raw.split(",") if s.strip()]
+            if not items and key == "model.mlp":
+                raise ConfigError(f"{key}={raw!r}: empty; give the hidden widths (e.g. 400,400,400), or 'none' "
+                                  f"for a deep tower without hidden layers")
         elif isinstance(raw, list):
             items = raw
         else:

@@ -13,7 +13,8 @@ USAGE = """usage: deepfm-train [--config FILE.toml] [--SECTION.KEY=VALUE ...]
 
 Trains DeepFM on sharded TorchRec tables. Start it with torchrun (see launcher/train.sh);
 without torchrun it runs as a world of one. Every key is documented in deepfm_dist/config.py
-and deepfm_dist/configs/default.toml; `--help-keys` lists them with their defaults.
+and deepfm_dist/configs/default.toml; `--help-keys` lists them with their defaults;
+`--check-config` validates the configuration and exits (status 2 and one message if it is bad).
 """
 
 
@@ -39,11 +40,15 @@ def main(argv: list[str] | None = None) -> dict:
     if "--help-keys" in argv:
         print(_help_keys())
         return {}
+    check_only = "--check-config" in argv
+    argv = [a for a in argv if a != "--check-config"]
     try:
         cfg = load_config(argv)
     except ConfigError as e:
         print(f"deepfm-train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if check_only:  # the launchers validate once, before any rank starts
+        return {}
 
     from deepfm_dist.trainer import train  # heavy imports (torchrec) after the config is valid
 

@@ -29,6 +29,12 @@ export_omp_threads "$NPROC" "$(nproc)"
 CONFIG_ARGS=()
 if [[ -n "${CONFIG:-}" ]]; then CONFIG_ARGS=(--config "$CONFIG"); fi
 
+# Help, and a bad key or value: answered once, here, before torchrun starts any rank (exit 2).
+for arg in "$@"; do
+  case "$arg" in -h|--help|--help-keys) exec "$PY" -m deepfm_dist.train "$@" ;; esac
+done
+"$PY" -m deepfm_dist.train --check-config "${CONFIG_ARGS[@]}" "$@"
+
 # The default preset reads data/generated/synthetic; make it once if it is not there.
 if [[ -z "${CONFIG:-}" ]]; then ensure_synthetic_data "$PY"; fi
 

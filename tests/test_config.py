@@ -70,3 +70,22 @@ def test_main_exits_2_with_message(capsys):
         main(["--train.batch_size=-1"])
     assert e.value.code == 2
     assert "train.batch_size=-1" in capsys.readouterr().err
+
+
+def test_empty_mlp_is_refused_and_none_is_explicit():
+    with pytest.raises(ConfigError, match="model.mlp='': empty.*'none'"):
+        load_config(["--model.mlp="])
+    assert load_config(["--model.mlp=none"]).model.mlp == []
+    assert load_config(["--model.mlp=64, 32"]).model.mlp == [64, 32]
+
+
+@pytest.mark.parametrize("value", ["1e38", "inf", "nan", "0", "-0.1"])
+@pytest.mark.parametrize("key", ["optimizer.dense_lr", "optimizer.embedding_lr"])
+def test_learning_rates_are_validated_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"{key}=.*positive float <= 1000"):
+        load_config([f"--{key}={value}"])
+
+
+def test_shm_all_to_all_needs_shared_memory():
+    with pytest.raises(ConfigError, match="sharding.shm_all_to_all"):
+        load_config(["--sharding.shm_all_to_all=true", "--sharding.intra_node_comm=gloo"])

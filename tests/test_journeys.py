@@ -231,3 +231,17 @@ def test_export_of_the_default_checkpoint(data, straight, tmp_path):
     exported = torch.load(out, weights_only=True)
     want, _, _ = consolidate(str(straight / "checkpoints"))
     assert exported.keys() == want.keys() and all(torch.equal(exported[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("--model.foo=1", "deepfm-train: error: unknown key model.foo"),
+    ("--model.mlp=", "deepfm-train: error: model.mlp='': empty"),
+    ("--optimizer.dense_lr=1e38", "deepfm-train: error: optimizer.dense_lr=1e+38"),
+])
+def test_config_errors_stop_the_launcher_before_any_rank(data, tmp_path, bad, message):
+    j = Journey()
+    j.start(["./launcher/train.sh", *train_args(data, tmp_path / "run", bad)], env_for(data), tmp_path / "bad.log")
+    rc, text = j.finish(timeout=120)
+    assert rc == 2, text
+    assert text.strip() == message or text.strip().startswith(message), text
+    assert "Traceback" not in text and "torchrun" not in text and not (tmp_path / "run").exists(), text
