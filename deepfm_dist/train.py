@@ -59,7 +59,30 @@ def main(argv: list[str] | None = None) -> dict:
         # often a peer that merely lost its connection; every rank names its own cause here.
         rank = os.environ.get("RANK", "0")
         print(f"deepfm-train: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        record_failure(rank, e)
         raise
+
+
+# Messages of a rank that failed because a peer failed first (lost connection, peer gone).
+_PEER_LOSS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "shared-memory comms: rank",
+              "NCCL communicator was aborted", "Socket Timeout", "connectFullMesh")
+
+
+def record_failure(rank: str, e: BaseException) -> None:
+    """Append this rank's failure to ``$DEEPFM_FAILURE_FILE`` (set by the launchers' run_agent),
+    which prints the causes, peers' lost connections last, as the run's final lines: under
+    ``LOG_RANK=0`` another rank's own message is not shown, and torchrun's report puts the root
+    cause at the bottom of a long block."""
+    path = os.environ.get("DEEPFM_FAILURE_FILE")
+    if not path:
+        return
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    kind = "peer" if any(p in text for p in _PEER_LOSS) else "cause"
+    try:
+        with open(path, "a") as f:
+            f.write(f"{kind}\trank {rank}: {text}\n")
+    except OSError:
+        pass
 
 
 def cli() -> int:

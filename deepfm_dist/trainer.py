@@ -292,6 +292,7 @@ class Trainer:
         self.state = ckpt.TrainState(step=0, epoch=0, step_in_epoch=0, loader_states=[])
         self.resume_loader_state = None
         self.last_save_time = time.monotonic()
+        self.skip_events_seen = 0
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -372,15 +373,16 @@ class Trainer:
                 float(self.stop.received is not None),
                 float(first_bad >= 0),
                 float(-first_bad if first_bad >= 0 else -1e18),
+                float(len(self.train_reader.skipped)),
             ],
             dtype=torch.float64, device=self.env.device,
         )
         if self.env.world_size > 1:
             summed = stats.clone()
             torch.distributed.all_reduce(summed)
-            worst = stats[4:].clone()
+            worst = stats[4:5].clone()
             torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
-            stats = torch.cat([summed[:4], worst])
+            stats = torch.cat([summed[:4], worst, summed[5:]])
         if stats[3] > 0:
             step = int(-stats[4])
             latest = ckpt.latest(self.cfg.checkpoint_dir)
@@ -389,7 +391,35 @@ class Trainer:
                 + (f"The last good checkpoint is {latest}." if latest else "No checkpoint was written.")
                 + " Lower optimizer.embedding_lr / optimizer.dense_lr, or set train.grad_clip."
             )
+        if int(stats[5]) != self.skip_events_seen:  # every rank sees the same sum: all gather together
+            self.skip_events_seen = int(stats[5])
+            self.report_skipped(pending[-1][0])
         return float(stats[0]) / self.env.world_size, bool(stats[1] > 0), bool(stats[2] > 0)
+
+    def gather_skipped(self) -> dict:
+        """Bad row groups skipped so far (``data.skip_bad_row_groups``) over every rank and both
+        loaders: totals of distinct files, row groups and rows, and the entries. Collective.
+        Footer-time skips are found by every rank alike, read-time ones by the rank that read them."""
+        mine = [*self.train_reader.skipped, *self.val_reader.skipped]
+        everyone: list = [mine]
+        if self.env.world_size > 1:
+            everyone = [None] * self.env.world_size
+            torch.distributed.all_gather_object(everyone, mine)
+        unique = list({json.dumps(x, sort_keys=True): x for part in everyone for x in part}.values())
+        groups = {(x["file"], x.get("row_group")): x["rows"] for x in unique}
+        return {"files": len({f for f, _ in groups}), "row_groups": len(groups), "rows": sum(groups.values()),
+                "entries": unique}
+
+    def report_skipped(self, step: int) -> dict:
+        """Rank 0 says what was skipped over all ranks, in the log and metrics.jsonl. Collective."""
+        found = self.gather_skipped()
+        if found["row_groups"]:
+            self.metrics.write(step=step, skipped_files=found["files"], skipped_row_groups=found["row_groups"],
+                               skipped_rows=found["rows"])
+            self.log(f"data.skip_bad_row_groups: {found['row_groups']} row group(s), {found['rows']:,} rows in "
+                     f"{found['files']} file(s) skipped so far over all ranks; first: {found['entries'][0]['file']}: "
+                     f"row group {found['entries'][0].get('row_group')}: {found['entries'][0]['reason']}")
+        return found
 
     def run(self) -> dict:
         with StopSignal() as self.stop:
@@ -520,6 +550,7 @@ class Trainer:
 
     def finish(self, evals: list[dict], last_loss: float, samples: int, seconds: float, stopped: bool = False) -> dict:
         cfg, env = self.cfg, self.env
+        skipped = self.report_skipped(self.state.step)  # collective: before rank 0 alone writes
         nan = float("nan")
         final = evals[-1] if evals else {"val_auc": nan, "val_logloss": nan, "val_rows": 0}
         rate = samples / seconds if seconds > 0 else 0.0
@@ -542,6 +573,7 @@ class Trainer:
             "val_rows": final["val_rows"],
             "evals": evals,
             "plan_file": self.plan_path,
+            "skipped": skipped,  # data.skip_bad_row_groups: totals over all ranks, and the entries
             "checkpoint": ckpt.latest(cfg.checkpoint_dir),
             "config": cfg.to_dict(),
         }

@@ -39,6 +39,9 @@ ensure_synthetic_data() {
 # and exits 1 with a traceback. Returns the agent's exit status and, after a signal, says in
 # one line what happened.
 run_agent() {
+  # Each failing rank appends its exception here (deepfm_dist/train.py: record_failure).
+  DEEPFM_FAILURE_FILE="$(mktemp "${TMPDIR:-/tmp}/deepfm-failures.XXXXXX")"
+  export DEEPFM_FAILURE_FILE
   "$@" &
   AGENT_PID=$!
   STOP_SIGNAL=""
@@ -52,6 +55,13 @@ run_agent() {
     if ! kill -0 "$AGENT_PID" 2>/dev/null; then break; fi
   done
   trap - TERM USR1
+  if [[ "$rc" -ne 0 && -s "$DEEPFM_FAILURE_FILE" ]]; then
+    # The root cause first (a rank's own error), then ranks that only lost a failed peer.
+    echo "deepfm: the run failed (exit $rc):" >&2
+    { grep '^cause' "$DEEPFM_FAILURE_FILE" || true; grep '^peer' "$DEEPFM_FAILURE_FILE" | sed 's/^peer\t/peer\t(then) /' || true; } \
+      | cut -f2- | awk '!seen[$0]++' | sed 's/^/  /' >&2
+  fi
+  rm -f "$DEEPFM_FAILURE_FILE"
   if [[ -n "$STOP_SIGNAL" ]]; then
     if [[ "$rc" -eq 0 ]]; then
       echo "deepfm: SIG$STOP_SIGNAL received: the ranks wrote a checkpoint and stopped; continue with --resume" >&2

@@ -209,3 +209,47 @@ def test_unsatisfiable_constraint_names_table_and_constraint():
     with pytest.raises(RuntimeError) as e:
         plan_sharding(build_model(cfg), cfg, env, make_sharder(cfg))
     assert "t_C1" in str(e.value) and "sharding.tables.C1='table_wise'" in str(e.value), str(e.value)
+
+
+def _launcher(args: list[str], log, **env_extra: str) -> tuple[int, str]:
+    """``./launcher/train.sh`` (2 CPU ranks, rank 0's output shown, as users run it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    with open(log, "w") as f:
+        rc = subprocess.run(["./launcher/train.sh", *args], cwd=root, stdout=f, stderr=subprocess.STDOUT, timeout=300,
+                            env={**env, "VENV": sys.prefix, "NPROC": "2", **env_extra}).returncode
+    return rc, open(log).read()
+
+
+def test_launcher_names_the_root_cause_last(tiny_data, tmp_path):
+    data, _ = tiny_data
+    bad = tmp_path / "bad"
+    _corrupt_label_set(data, bad)
+    rc, text = _launcher(small_args(bad, tmp_path / "run", "--train.epochs=1"), tmp_path / "run.log")
+    assert rc != 0
+    tail = text.strip().splitlines()
+    at = max(i for i, line in enumerate(tail) if line.startswith("deepfm: the run failed"))
+    cause = tail[at + 1]
+    # The failing rank, its exception, the file and the row group; then the peer that lost it.
+    m = re.match(r"  rank (\d): BadRowsError: .*part-\d+\.parquet: row group \d+: label column", cause)
+    assert m, tail[at:]
+    assert all(line.startswith(f"  (then) rank {1 - int(m.group(1))}: ") for line in tail[at + 2:]), tail[at:]
+
+
+def test_skipped_row_groups_are_totalled_over_ranks(tiny_data, tmp_path):
+    data, _ = tiny_data
+    bad = tmp_path / "bad"
+    _corrupt_label_set(data, bad)  # one bad row group, read by one rank only
+    run = tmp_path / "run"
+    rc, text = _launcher(small_args(bad, run, "--train.epochs=1", "--data.skip_bad_row_groups=true"), tmp_path / "r.log")
+    assert rc == 0, text[-3000:]
+    assert "data.skip_bad_row_groups: 1 row group(s), 1,000 rows in 1 file(s) skipped so far over all ranks" in text, text
+    skipped = json.loads((run / "summary.json").read_text())["skipped"]
+    assert (skipped["files"], skipped["row_groups"], skipped["rows"]) == (1, 1, 1_000), skipped
+    assert skipped["entries"][0]["row_group"] == 2
+    recorded = [r for r in read_metrics(run) if "skipped_row_groups" in r]
+    assert recorded and recorded[-1]["skipped_row_groups"] == 1 and recorded[-1]["skipped_rows"] == 1_000
