@@ -509,3 +509,28 @@ def test_bench_smoke(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tsv_bytes"] >= 2_000_000 and result["rows"] > 0
     assert result["mb_per_s"] > 0 and result["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_truncated_gzip_is_named_in_one_line(tmp_path, capsys, workers):
+    lines = make_lines(400, seed=8)
+    full = write_tsv(tmp_path / "whole.gz", lines, gz=True)
+    data = open(full, "rb").read()
+    cut = tmp_path / "day_5.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])  # an interrupted download
+    other = write_tsv(tmp_path / "day_4", make_lines(50, seed=9))
+    assert run("--input", other, cut, "--output", tmp_path / "out", *SMALL[:-1], workers) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"prepare-criteo: error: {cut}: truncated"), err
+    assert "at line" in err and "Traceback" not in err and "EOFError" not in err, err
+
+    # --on-bad-line skip: the rows before the cut are kept, and the truncation is reported.
+    assert run("--input", cut, "--output", tmp_path / "kept", "--on-bad-line", "skip", *SMALL[:-1], workers) == 0
+    err = capsys.readouterr().err
+    assert f"{cut}: truncated" in err, err
+    manifest = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    truncated = manifest["inputs"][0]["truncated"]
+    table = read_split(tmp_path / "kept", "all")
+    assert truncated["file"] == str(cut) and 0 < truncated["line"] <= len(lines)
+    assert table.num_rows == truncated["line"] - 1  # every complete line; the cut one is a bad line
+    assert table.column("label").to_pylist() == [parse_line(line)["label"] for line in lines[: table.num_rows]]

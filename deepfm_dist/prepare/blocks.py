@@ -20,6 +20,7 @@ a final line that lacks it).
 from __future__ import annotations
 
 import gzip
+import zlib
 import io
 import os
 from collections.abc import Callable, Iterator
@@ -39,6 +40,17 @@ class LineTooLongError(ValueError):
     def __init__(self, offset: int) -> None:
         super().__init__(offset)
         self.offset = offset
+
+
+TRUNCATED = (EOFError, gzip.BadGzipFile, zlib.error)
+"""What reading a cut (or damaged) gzip stream raises."""
+
+
+def truncated_message(path: str, lines: int | None = None, text_bytes: int | None = None) -> str:
+    """One line for a gzip file whose data stops before its end marker."""
+    where = f" at line {lines + 1:,} of its text (after {text_bytes:,} bytes)" if lines is not None else ""
+    return (f"{path}: truncated: the gzip data ends{where} without its end-of-stream marker (an interrupted "
+            f"copy or download?). Pass --on-bad-line skip to keep the complete lines before the cut.")
 
 
 def is_gzip(path: str) -> bool:

@@ -133,6 +133,9 @@ def run_task(task: ChunkTask | GzTask | CountTask) -> Any:
             return convert_gz_file(task)
         if isinstance(task, CountTask):
             return count_task(task)
+    except blocks.TRUNCATED:
+        path = task.path if isinstance(task, CountTask) else task.input.path
+        raise PrepareError(blocks.truncated_message(path)) from None
     except blocks.LineTooLongError as e:
         path = task.path if isinstance(task, CountTask) else task.input.path
         start = task.start if isinstance(task, (ChunkTask, CountTask)) else 0
@@ -350,10 +353,23 @@ def convert_gz_file(task: GzTask) -> list[dict[str, Any]]:
     records = []
     with raw, stream:
         last_pos = 0
+        text_bytes = text_lines = 0
+        truncated: dict[str, Any] | None = None
 
         def read_counted(n: int) -> bytes:
-            nonlocal last_pos
-            data = stream.read(n)
+            nonlocal last_pos, text_bytes, text_lines, truncated
+            if truncated is not None:
+                return b""
+            try:
+                data = stream.read(n)
+            except blocks.TRUNCATED:
+                if not s.skip_bad:
+                    raise PrepareError(blocks.truncated_message(inp.path, text_lines, text_bytes)) from None
+                # --on-bad-line skip: the text ends here; a line cut in two is a bad line.
+                truncated = {"file": inp.path, "line": text_lines + 1, "text_bytes": text_bytes}
+                return b""
+            text_bytes += len(data)
+            text_lines += data.count(b"\n")
             pos = raw.tell()
             report_progress(nbytes=pos - last_pos)
             last_pos = pos
@@ -383,6 +399,9 @@ def convert_gz_file(task: GzTask) -> list[dict[str, Any]]:
             file_line += record["lines"]
             text_offset = record["text_end"]
         report_progress(nbytes=inp.size - last_pos)
+    if truncated is not None and records:  # recorded with the last chunk, for the manifest
+        records[-1] = {**records[-1], "truncated": truncated}
+        state.write_json_atomic(state.record_path(s.out_dir, inp.prefix, records[-1]["chunk"]), records[-1])
     # Chunks beyond the end of this (changed) file, left by an earlier run.
     done = {r["chunk"] for r in records}
     for chunk in state.chunks_on_disk(s.out_dir, inp.prefix) - done:

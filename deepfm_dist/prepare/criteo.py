@@ -245,7 +245,10 @@ def resolve_inputs(specs: list[str]) -> list[str]:
 def detect_layout(path: str, gz: bool) -> bool | None:
     """True/False: labelled/unlabelled, from the commonest field count of the first lines;
     None for an empty file."""
-    lines = blocks.first_lines(path, 100)
+    try:
+        lines = blocks.first_lines(path, 100)
+    except blocks.TRUNCATED:
+        raise PrepareError(blocks.truncated_message(path)) from None
     if not lines:
         return None
     counts: dict[int, int] = {}
@@ -646,6 +649,7 @@ def _manifest(cfg: PrepareConfig, settings: dict[str, Any], plan: _Plan, records
                 "lines": sum(r["lines"] for r in recs),
                 "rows": sum(r["rows"] for r in recs),
                 "bad_lines": bad,
+                "truncated": next((r["truncated"] for r in recs if r.get("truncated")), None),
             }
         )
         for r in recs:
@@ -716,6 +720,11 @@ def _print_summary(m: dict[str, Any], manifest_path: str) -> None:
     if bad["count"]:
         e = bad["examples"][0]
         print(f"prepare-criteo: skipped {bad['count']:,} bad line(s); first: {e['file']}:{e['line']}: {e['reason']}", file=sys.stderr)
+    for i in m["inputs"]:
+        if i.get("truncated"):
+            t = i["truncated"]
+            print(f"prepare-criteo: {t['file']}: truncated: its gzip data ends at line {t['line']:,} without an "
+                  f"end-of-stream marker; kept the complete lines before the cut (--on-bad-line skip)", file=sys.stderr)
     if m.get("vocab"):
         sizes = ",".join(str(n) for n in m["vocab"]["num_embeddings_per_feature"])
         print(f"prepare-criteo: vocab tables (ids + 1 for rare): data.num_embeddings_per_feature={sizes}", file=sys.stderr)
