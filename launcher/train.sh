@@ -9,7 +9,8 @@
 # preset; default: the embedded deepfm_dist/configs/default.toml), MASTER_PORT (default: a free port),
 # LOG_RANK (rank whose output torchrun shows; default 0), SYNTHETIC_DIR, SYNTHETIC_TRAIN_ROWS,
 # SYNTHETIC_VAL_ROWS (the default data set, generated once when absent), MAX_RESTARTS (torchrun
-# restarts the ranks after a failure, resuming from the latest checkpoint; default 0), VENV.
+# restarts the ranks after a failure, resuming from the latest checkpoint; default 0),
+# GLOO_SOCKET_IFNAME (default lo: this node's ranks talk over loopback only), VENV.
 # SIGTERM / SIGUSR1 to this script: the ranks checkpoint at their next step and exit 0.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +25,10 @@ NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
 RDZV_ARGS=(--standalone)
 if [[ -n "${MASTER_PORT:-}" ]]; then RDZV_ARGS=(--master_addr=127.0.0.1 --master_port="$MASTER_PORT"); fi
 LOG_RANK="${LOG_RANK:-0}"
+# One node: the ranks' gloo sockets listen on loopback only (gloo binds to the address the host
+# name resolves to otherwise, which may face the network). torchrun's own stores still listen on
+# every interface: torch 2.13 has no bind address for them (see README, Security).
+export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 # train.threads can still override the threads per run.
 export_omp_threads "$NPROC" "$(nproc)"
 CONFIG_ARGS=()
