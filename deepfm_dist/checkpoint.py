@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,3 +292,106 @@ def load(path: str, *, model: torch.nn.Module, optimizer: Any | None) -> dict[st
     if same_world:
         set_rng_state(payload[_rank_key(rank)])
     return meta
+
+
+# --------------------------------------------------------------------------- the loop's checkpointer
+
+
+class TrackedIterator:
+    """Iterates a loader and remembers its position after each batch it handed out.
+
+    The pipeline pulls batches ahead of the step it trains, so the loader's current position
+    is not the checkpoint's: ``position(k)`` is the loader state after exactly k batches of
+    this epoch (k = steps trained), which a resumed run continues from.
+    """
+
+    def __init__(self, loader, start: int):
+        self._it = iter(loader)
+        self._loader = loader
+        self._states = {start: loader.state_dict()}
+        self._count = start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        self._count += 1
+        self._states[self._count] = self._loader.state_dict()
+        for k in [k for k in self._states if k < self._count - 8]:
+            del self._states[k]
+        return batch
+
+    def position(self, trained: int):
+        return self._states[trained]
+
+
+class Checkpointer:
+    """When to save (``checkpoint.every_steps``, ``every_minutes``, at the end, on a stop) and
+    what: the sharded model, both optimizers, RNG states, every rank's loader position, the plan
+    and the config. Also resumes. Collective: every rank calls ``save`` and ``resume``."""
+
+    def __init__(self, cfg, env, model: torch.nn.Module, optimizers, placements: list, log):
+        self.cfg, self.env, self.model, self.opts, self.placements, self.log = cfg, env, model, optimizers, placements, log
+        self.every_steps, self.minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
+        self.last_save_time = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def timed_due(self) -> bool:
+        """This rank's clock says a timed checkpoint is due (the ranks agree at the sync point)."""
+        return self.minutes > 0 and time.monotonic() - self.last_save_time >= self.minutes * 60
+
+    def resume(self, steps_per_epoch: int) -> tuple[TrainState, Any]:
+        """(where the run continues, this rank's loader state or None): the latest complete
+        checkpoint under ``--resume``, else the start."""
+        start = TrainState(step=0, epoch=0, step_in_epoch=0, loader_states=[])
+        if not self.cfg.resume:
+            return start, None
+        path = latest(self.cfg.checkpoint_dir)
+        if path is None:
+            self.log(f"resume: no complete checkpoint in {self.cfg.checkpoint_dir}; starting fresh")
+            return start, None
+        if self.cfg.sharding.shm_all_to_all:
+            raise ValueError(
+                f"cannot resume from {path} with sharding.shm_all_to_all=true: torch's sharded tensors "
+                f"do not know that process group by name and fail to load a checkpoint on a rank that holds "
+                f"no shard of a table. Resume with sharding.shm_all_to_all=false (the checkpoint is the same)."
+            )
+        # The dense optimizer's state is created lazily; make it so DCP can load into it.
+        self.opts.dense.init_state()
+        meta = load(path, model=self.model, optimizer=self.opts.combined)
+        step_in_epoch, epoch, loader_state = meta["step_in_epoch"], meta["epoch"], None
+        if meta["world_size"] == self.env.world_size:
+            loader_state = meta["loader_states"][self.env.rank]
+        elif step_in_epoch:
+            # Another world size splits the rows differently: the interrupted epoch restarts
+            # (its rows are seen again) rather than skipping rows nobody trained on.
+            self.log(f"resume: checkpoint written by {meta['world_size']} ranks, now {self.env.world_size}: "
+                     f"epoch {epoch + 1} restarts from its first batch")
+            step_in_epoch = 0
+        if step_in_epoch >= steps_per_epoch:
+            epoch, step_in_epoch, loader_state = epoch + 1, 0, None
+        self.log(f"resumed from {path} (step {meta['step']}, epoch {epoch + 1}, batch {step_in_epoch})")
+        return TrainState(meta["step"], epoch, step_in_epoch, []), loader_state
+
+    def save(self, state: TrainState, position: Any) -> str:
+        """Write a checkpoint of ``state``; ``position`` is this rank's loader state after
+        ``state.step_in_epoch`` batches."""
+        from deepfm_dist.evaluator import sync_dense_buffers
+
+        states: list = [position]
+        if self.env.world_size > 1:
+            states = [None] * self.env.world_size
+            dist.all_gather_object(states, position)
+        state.loader_states = states
+        # DCP stores one copy of a replicated tensor, from whichever rank it picks; make the
+        # BatchNorm statistics rank 0's (the ones DDP broadcasts at the next step) everywhere.
+        sync_dense_buffers(self.model, self.env)
+        path = save(self.cfg.checkpoint_dir, model=self.model, optimizer=self.opts.combined, state=state,
+                    extra_meta={"plan": [p.__dict__ for p in self.placements], "config": self.cfg.to_dict()},
+                    keep=self.cfg.checkpoint.keep)
+        self.last_save_time = time.monotonic()
+        self.log(f"checkpoint: {path}")
+        return path

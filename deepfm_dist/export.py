@@ -11,15 +11,16 @@ reassembles every table from however many shards wrote it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from deepfm_dist import checkpoint as ckpt
+from deepfm_dist import cli
 from deepfm_dist.config import Config, build_config
+from deepfm_dist.fsutil import write_json_atomic
 from deepfm_dist.loss import DeepFMTrain
 from deepfm_dist.model.build import build_deepfm
 
@@ -51,12 +52,18 @@ def consolidate(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
     return payload["model"], cfg, meta
 
 
+@dataclass
+class ExportOptions:
+    checkpoint: str
+    """A checkpoint directory, or a folder of checkpoints (its latest complete one)."""
+    out: str = "model.pt"
+    """The output file; its config goes beside it as OUT.json."""
+    overwrite: bool = False
+    """Replace an existing --out file."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deepfm-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="checkpoint directory, or a folder of checkpoints (latest is used)")
-    parser.add_argument("--out", default="model.pt", help="output file (default: model.pt)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    args = parser.parse_args(argv)
+    args = cli.parse("deepfm-export", ExportOptions, argv, __doc__.split("\n\n")[0], positional=("checkpoint",))
     for path in (args.out, args.out + ".json"):
         if os.path.isdir(path):
             print(f"deepfm-export: error: --out {args.out}: {path} is a directory", file=sys.stderr)
@@ -73,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out + ".tmp"
     torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
     os.replace(tmp, args.out)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"config": cfg.to_dict(), "step": meta["step"], "source": os.path.abspath(args.checkpoint)}, f, indent=1)
+    write_json_atomic(args.out + ".json", {"config": cfg.to_dict(), "step": meta["step"],
+                                           "source": os.path.abspath(args.checkpoint)}, indent=1)
     print(f"deepfm-export: step {meta['step']} ({len(state)} tensors, "
           f"{sum(v.numel() for v in state.values()) * 4 / 2**20:.1f} MiB) -> {args.out}")
     return 0

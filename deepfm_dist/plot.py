@@ -9,10 +9,12 @@ several runs are overlaid in one figure, each in its own colour, x axis = sample
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
+
+from deepfm_dist import cli
 
 
 def read_run(run_dir: str) -> tuple[list[dict], list[dict]]:
@@ -79,17 +81,25 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
     os.replace(tmp, out)
 
 
+@dataclass
+class PlotOptions:
+    run_dirs: list[str]
+    """Run directories, each with its metrics.jsonl; several are overlaid."""
+    out: str
+    """The output PNG file."""
+    labels: str = ""
+    """Comma-separated legend labels, one per run (default: the directory names)."""
+
+    def __post_init__(self) -> None:
+        if self.labels and len(self.labels.split(",")) != len(self.run_dirs):
+            raise ValueError(f"--labels: {len(self.labels.split(','))} labels for {len(self.run_dirs)} run directories")
+        if not self.out.lower().endswith(".png"):
+            raise ValueError(f"--out={self.out!r}: expected a .png file name")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deepfm-plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
-    parser.add_argument("--out", required=True, help="output PNG file")
-    parser.add_argument("--labels", default="", help="comma-separated legend labels, one per run")
-    args = parser.parse_args(argv)
+    args = cli.parse("deepfm-plot", PlotOptions, argv, __doc__.split("\n\n")[0], positional=("run_dirs",))
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    if labels is not None and len(labels) != len(args.run_dirs):
-        parser.error(f"--labels: {len(labels)} labels for {len(args.run_dirs)} run directories")
-    if not args.out.lower().endswith(".png"):
-        parser.error(f"--out={args.out!r}: expected a .png file name")
     try:
         plot_runs(args.run_dirs, args.out, labels)
     except (FileNotFoundError, ValueError) as e:

@@ -195,7 +195,7 @@ def build_exported(source: ModelSource):
 def build_sharded(source: ModelSource, env):
     """The model sharded for this world with the checkpoint's weights (DCP reshards)."""
     from deepfm_dist.distributed.sharding import shard_model
-    from deepfm_dist.trainer import build_model
+    from deepfm_dist.step import build_model
 
     model, _ = shard_model(build_model(source.cfg), source.cfg, env)
     ckpt.load(source.path, model=model, optimizer=None)
@@ -401,7 +401,8 @@ def run(setup: Setup) -> dict:
     same on every rank)."""
     from deepfm_dist.distributed.env import destroy, init_distributed, set_cpu_threads
     from deepfm_dist.metrics import global_auc_logloss
-    from deepfm_dist.trainer import RankLogger, quiet_library_noise, write_json_atomic
+    from deepfm_dist.fsutil import write_json_atomic
+    from deepfm_dist.logs import RankLogger, quiet_library_noise
 
     args, source, loader = setup.args, setup.source, setup.loader
     cfg = source.cfg

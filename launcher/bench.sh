@@ -11,7 +11,7 @@
 #   ./launcher/bench.sh compare                       # all of the above + Kaggle-sized memory run; ratios vs targets
 #   NPROC=1 ./launcher/bench.sh step --tables kaggle --sharding.type=table_wise
 #
-# Every mode is `python -m deepfm_dist.bench MODE`; its last output line is one JSON object.
+# Every mode is `python -m benchmarks MODE`; its last output line is one JSON object.
 # step/e2e/comm run under torchrun (NPROC ranks; default: one per GPU, else 2 CPU ranks); the others
 # are one process. --section.key=value overrides go to the run's config.
 # Knobs (environment): VENV, NPROC (step/e2e), SYNTHETIC_DIR (the e2e data set, made once).
@@ -34,18 +34,18 @@ case "$MODE" in
     NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
     export_omp_threads "$NPROC" "$(nproc)"
     exec "$VENV/bin/torchrun" --standalone --nnodes=1 --nproc_per_node="$NPROC" --local-ranks-filter=0 \
-      -m deepfm_dist.bench "$@"
+      -m benchmarks "$@"
     ;;
   ceiling|baseline|compare)
     # One process on every core (compare starts its own torchrun for the distributed runs).
-    exec "$PY" -m deepfm_dist.bench "$@"
+    exec "$PY" -m benchmarks "$@"
     ;;
   loader)
     # One process (plus its DataLoader workers if asked): no process group needed.
-    exec "$PY" -m deepfm_dist.bench "$@"
+    exec "$PY" -m benchmarks "$@"
     ;;
   *)
     # Unknown or missing modes: the dispatcher prints the list of modes.
-    exec "$PY" -m deepfm_dist.bench "$@"
+    exec "$PY" -m benchmarks "$@"
     ;;
 esac

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from deepfm_dist.bench import compare
+from benchmarks import compare
 
 REQUIRED = ("mode", "world_size", "samples_per_s", "samples_per_s_per_rank", "step_ms_p50", "step_ms_p90",
             "data_wait_ms_per_step", "peak_rss_mb", "peak_rss_mb_per_rank")
@@ -40,7 +40,7 @@ def check(result: dict, mode: str, world_size: int) -> None:
 
 @pytest.mark.parametrize("mode", ["ceiling", "baseline"])
 def test_single_process_modes(mode, capsys, tmp_path):
-    from deepfm_dist.bench.__main__ import main
+    from benchmarks.__main__ import main
 
     args = [mode, "--warmup", "2", "--steps", "3", "--threads", "1", "--out", str(tmp_path / "r.json"), *TINY]
     if mode == "baseline":
@@ -51,7 +51,7 @@ def test_single_process_modes(mode, capsys, tmp_path):
 
 def torchrun(mode: str, *args: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "--local-ranks-filter=0", "-m", "deepfm_dist.bench", mode, "--warmup", "2", "--steps", "3", *TINY, *args]
+           "--local-ranks-filter=0", "-m", "benchmarks", mode, "--warmup", "2", "--steps", "3", *TINY, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

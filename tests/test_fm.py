@@ -172,7 +172,7 @@ def test_onednn_linear_bf16_autocast_matches_torch_autocast_and_fp32():
 
 
 def test_bf16_on_a_cpu_without_native_bf16_names_the_key(monkeypatch):
-    from deepfm_dist.trainer import check_precision
+    from deepfm_dist.step import check_precision
 
     check_precision("fp32", "cpu")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)

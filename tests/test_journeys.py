@@ -111,6 +111,30 @@ def run_train(data: Path, run_dir: Path, *extra: str, nproc: int = 2, **env_extr
     return j.finish()
 
 
+def listening_addresses(pid: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the TCP sockets ``pid`` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                out.add(fields[1].rsplit(":", 1)[0])
+    return out
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -183,6 +207,13 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_zero(data, tmp_path):
         assert time.monotonic() < deadline, "no log step in time"
         time.sleep(0.02)
     assert proc.poll() is None, j.log.read_text()[-3000:]
+    # One node: the ranks listen on loopback only (torchrun's own stores cannot be told to).
+    ranks = [p for p in descendants(proc.pid) if "deepfm_dist.train" in Path(f"/proc/{p}/cmdline").read_text()
+             and "torchrun" not in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(ranks) == 2
+    for rank in ranks:
+        addresses = listening_addresses(rank)
+        assert addresses and addresses <= LOOPBACK, addresses
     os.kill(proc.pid, signal.SIGTERM)  # the PID of ./launcher/train.sh
     rc, text = j.finish()
     assert rc == 0, text[-5000:]

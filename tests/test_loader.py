@@ -631,7 +631,7 @@ def test_two_ranks_in_real_processes_with_workers(uneven):
 
 
 def test_bench_dispatcher_and_loader_mode(tmp_path, capsys):
-    from deepfm_dist.bench.__main__ import main
+    from benchmarks.__main__ import main
 
     assert main(["nope"]) == 2
     assert "unknown benchmark mode 'nope'" in capsys.readouterr().err

@@ -503,7 +503,7 @@ def test_input_without_newlines_fails_fast(tmp_path, capsys):
 
 
 def test_bench_smoke(tmp_path, capsys):
-    from deepfm_dist.prepare import bench
+    from benchmarks import prepare as bench
 
     assert bench.main(["--size-gb", "0.002", "--workers", "1", "--dir", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

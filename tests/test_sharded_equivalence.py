@@ -121,7 +121,8 @@ def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> d
     from deepfm_dist.distributed.env import destroy, init_distributed
     from deepfm_dist.distributed.sharding import embedding_kernel_tensors, shard_model
     from deepfm_dist.optim import build_optimizers
-    from deepfm_dist.trainer import build_model, quiet_library_noise
+    from deepfm_dist.logs import quiet_library_noise
+    from deepfm_dist.step import build_model
 
     quiet_library_noise()
     cfg = make_config(sharding_type, rich)

@@ -96,7 +96,8 @@ def test_exact_resume_and_reshard(tiny_data, tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(tiny_data, tmp_path):
     data, _ = tiny_data
     run = tmp_path / "nan"
-    args = small_args(data, run, "--optimizer.dense=sgd", "--optimizer.dense_lr=1e38", "--optimizer.warmup_steps=4",
+    args = small_args(data, run, "--optimizer.dense=sgd", "--optimizer.dense_lr=1000", "--optimizer.embedding=sgd",
+                      "--optimizer.embedding_lr=1000", "--optimizer.warmup_steps=4",
                       "--checkpoint.every_steps=1", "--train.log_every=1", "--train.epochs=1")
     with pytest.raises(Exception) as e:
         launch(main, (args,), nproc=2)
@@ -199,7 +200,7 @@ def test_unsatisfiable_constraint_names_table_and_constraint():
     from deepfm_dist.config import Config, DataConfig, ShardingConfig
     from deepfm_dist.distributed.env import DistEnv
     from deepfm_dist.distributed.sharding import make_sharder, plan_sharding
-    from deepfm_dist.trainer import build_model
+    from deepfm_dist.step import build_model
 
     cfg = Config(
         data=DataConfig(train=["x"], val=["x"], num_embeddings_per_feature=[5_000_000] + [100] * 25),

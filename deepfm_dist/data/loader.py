@@ -55,7 +55,7 @@ size and ``num_workers`` give the same batches.
 the GIL); columns are converted in parallel on as many threads as torch has intra-op threads in
 the process (the trainer sets those to the cores per rank; DataLoader workers have one each).
 Everything is vectorised numpy over whole columns; Python loops run over columns and batches,
-never rows. ``python -m deepfm_dist.bench loader`` measures it against raw pyarrow.
+never rows. ``python -m benchmarks loader`` measures it against raw pyarrow.
 
 **Memory** per loader process: ``prefetch`` row groups read ahead (Arrow, configured columns
 only) + the one being converted + one shuffle window + in-flight batches; independent of the

@@ -31,7 +31,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from deepfm_dist import cli
 from deepfm_dist.data.hashing import splitmix64
 from deepfm_dist.metrics import exact_auc
 
@@ -493,35 +494,41 @@ def _files_per_split(text: str) -> tuple[int, int]:
     return (values[0], values[-1])
 
 
+@dataclass
+class SyntheticOptions:
+    out: str
+    """Output folder, e.g. data/generated/synthetic."""
+    train_rows: int = 1_000_000
+    """Rows in train/."""
+    val_rows: int = 100_000
+    """Rows in val/."""
+    files_per_split: tuple[int, int] = field(default=(4, 2), metadata={"parse": _files_per_split, "metavar": "N|TRAIN,VAL"})
+    """Parquet files per split: N for both, or TRAIN,VAL."""
+    row_group_size: int = 64 * 1024
+    """Rows per Parquet row group."""
+    max_cardinality: int = DEFAULT_MAX_CARDINALITY
+    """Largest sparse-column cardinality."""
+    seed: int = 0
+    """Seed of the planted model and the rows."""
+    force: bool = False
+    """Regenerate even if --out already holds a complete data set."""
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--train-rows", self.train_rows), ("--val-rows", self.val_rows),
+                            ("--row-group-size", self.row_group_size), ("--max-cardinality", self.max_cardinality)):
+            if value < 1:
+                raise ValueError(f"argument {flag}: expected a positive integer, got {value}")
+        train_files, val_files = self.files_per_split
+        if train_files > self.train_rows or val_files > self.val_rows:
+            raise ValueError(
+                f"argument --files-per-split: {train_files},{val_files} files for --train-rows {self.train_rows} / "
+                f"--val-rows {self.val_rows}: every file needs at least one row"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="make_synthetic",
-        description="Generate a synthetic Criteo-schema data set with a planted model.",
-    )
-    parser.add_argument("--out", required=True,
-                        help="output folder, e.g. data/generated/synthetic")
-    parser.add_argument("--train-rows", type=_positive_int, default=1_000_000,
-                        help="rows in train/; default 1000000")
-    parser.add_argument("--val-rows", type=_positive_int, default=100_000,
-                        help="rows in val/; default 100000")
-    parser.add_argument("--files-per-split", type=_files_per_split, default=(4, 2),
-                        help="N (both splits) or TRAIN,VAL; default 4,2")
-    parser.add_argument("--row-group-size", type=_positive_int, default=64 * 1024,
-                        help="rows per Parquet row group; default 65536")
-    parser.add_argument("--max-cardinality", type=_positive_int,
-                        default=DEFAULT_MAX_CARDINALITY,
-                        help="largest sparse-column cardinality; default 100000")
-    parser.add_argument("--seed", type=int, default=0, help="default 0")
-    parser.add_argument("--force", action="store_true",
-                        help="regenerate even if OUT already holds a complete data set")
-    args = parser.parse_args(argv)
-    train_files, val_files = args.files_per_split
-    if train_files > args.train_rows or val_files > args.val_rows:
-        parser.error(
-            f"argument --files-per-split: {train_files},{val_files} files for "
-            f"--train-rows {args.train_rows} / --val-rows {args.val_rows}: "
-            f"every file needs at least one row"
-        )
+    args = cli.parse("deepfm-gen-synthetic", SyntheticOptions, argv,
+                     "Generate a synthetic Criteo-schema data set with a planted model.")
 
     oracle_path = Path(args.out) / ORACLE_FILE
     if oracle_path.exists() and not args.force:

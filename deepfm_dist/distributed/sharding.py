@@ -8,7 +8,6 @@ values.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -35,6 +34,7 @@ from deepfm_dist.data.schema import feature_specs
 from deepfm_dist.distributed import pooled_shm, shm
 from deepfm_dist.distributed.ddp_hook import DeepFMDataParallelWrapper, ShmAllReduceState
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
+from deepfm_dist.fsutil import write_json_atomic
 from deepfm_dist.hugepages import advise_huge_pages
 from deepfm_dist.model import init_table_block, table_dim, table_name
 from deepfm_dist.model.init import BLOCK_ROWS
@@ -260,9 +260,7 @@ def plan_report(placements: list[TablePlacement]) -> str:
 
 
 def save_plan(placements: list[TablePlacement], path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump([p.__dict__ for p in placements], f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, [p.__dict__ for p in placements], indent=1)
 
 
 _TABLE_KEY = re.compile(r"embedding_bags\.([^.]+)\.weight$")

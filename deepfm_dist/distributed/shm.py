@@ -52,7 +52,7 @@ _YIELDS_BEFORE_LIVENESS_CHECK = 256
 
 
 SHM_DIR = "/dev/shm"
-_stats = {"peer_wait_s": 0.0}
+_stats = {"peer_wait_s": 0.0, "segments": 0}
 
 
 def peer_wait_seconds() -> float:
@@ -61,6 +61,11 @@ def peer_wait_seconds() -> float:
     after a stretch of steps: with free communication it would be the ranks' skew alone; it also
     holds the peers' own copy time, which a rank arriving last never waits for."""
     return _stats["peer_wait_s"]
+
+
+def segments_in_use() -> int:
+    """How many sets of shared segments this process mapped (the DDP hook's, the opt-in group's)."""
+    return _stats["segments"]
 
 
 def supported() -> bool:
@@ -86,6 +91,7 @@ class SharedSegments:
             raise ValueError(f"sharding.intra_node_comm=shm supports up to {_HEADER_SLOTS - 2} ranks per node, not {size}")
         self.rank, self.size, self.capacity = rank, size, capacity_bytes
         self.timeout_s = timeout.total_seconds()
+        _stats["segments"] += 1
         self.seq = 0
         total = segment_bytes(capacity_bytes)
         self.offset = total - 2 * capacity_bytes

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from deepfm_dist import fsutil
 from deepfm_dist.prepare.errors import PrepareError
 
 PROGRESS_DIR = "_progress"
@@ -76,18 +77,9 @@ def tmp_path(final: str) -> str:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    """``fsutil.write_json_atomic`` with this module's temporary names (``remove_stale_temps``
+    finds those a killed run left)."""
+    fsutil.write_json_atomic(path, obj, indent=1, tmp=tmp_path(path))
 
 
 def read_json(path: str) -> Any | None:

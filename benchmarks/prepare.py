@@ -1,6 +1,6 @@
 """Benchmark of ``prepare-criteo``: MB/s of TSV and rows/s, per core and in total.
 
-    python -m deepfm_dist.prepare.bench --size-gb 1.0 --workers 2
+    python -m benchmarks prepare --size-gb 1.0 --workers 2
 
 1. Writes a Criteo-format TSV of ``--size-gb`` (realistic nulls, negatives, cardinalities;
    see ``synth_tsv``) into ``--dir`` (default: a temp dir), reusing a file of the same
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from deepfm_dist.sysinfo import cpu_name, git_commit
+from benchmarks.sysinfo import cpu_name, git_commit
 
 # Only the standard library here, and the TSV is generated in a subprocess: peak RSS is
 # measured inside the converter process (getrusage SELF, and CHILDREN for its workers),
@@ -73,7 +73,7 @@ def _convert(args: list[str], rss_path: str) -> tuple[float, dict[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepfm_dist.prepare.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks prepare", description=__doc__.split("\n")[0])
     p.add_argument("--size-gb", type=float, default=1.0, help="TSV to generate, in GB (1e9 bytes)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="converter processes")
     p.add_argument("--dir", default=None, help="where the TSV and outputs go (default: a temp dir, deleted)")

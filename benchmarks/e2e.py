@@ -1,13 +1,13 @@
 """End to end: the real ``Trainer`` reading Parquet (loader, pipeline, logging, everything),
 timed step by step.
 
-    torchrun --nproc_per_node=2 -m deepfm_dist.bench e2e [--warmup 20] [--steps 200]
+    torchrun --nproc_per_node=2 -m benchmarks e2e [--warmup 20] [--steps 200]
         [--tables config|kaggle] [--section.key=value ...]
 
 The run is ``deepfm_dist.trainer.Trainer`` as ``deepfm-train`` runs it, with
-``train.max_steps = warmup + steps`` (capped to one epoch, so no mid-run evaluation falls in
-the measured window), no checkpoint, no TensorBoard. The only addition is a clock after each
-``train_step`` and the loader's own count of time spent waiting for batches. The final
+``train.max_steps = warmup + steps`` in one epoch (so no end-of-epoch evaluation falls in the
+measured window), no checkpoint, no TensorBoard. The only addition is a step hook that reads a
+clock after each step, and the loader's own count of time spent waiting for batches. The final
 evaluation runs as usual but is not timed. Data: ``data.train``/``data.val`` as configured
 (default: the synthetic set ``launcher/train.sh`` and ``launcher/bench.sh`` generate).
 """
@@ -17,30 +17,29 @@ from __future__ import annotations
 import argparse
 import gc
 
-from deepfm_dist.bench import report
-from deepfm_dist.bench.common import add_common_args, config_line, distributed_summary, parse, run_line, sharding_line
+from benchmarks import report
+from benchmarks.common import add_common_args, config_line, distributed_summary, parse, run_line, sharding_line
 from deepfm_dist.data import resolve_parquet_paths
 from deepfm_dist.distributed.env import destroy, init_distributed
-from deepfm_dist.trainer import Trainer, quiet_library_noise
+from deepfm_dist.logs import quiet_library_noise
+from deepfm_dist.trainer import Trainer
 
 
-class TimedTrainer(Trainer):
-    """The real Trainer plus a clock read after every training step."""
+class StepTimer:
+    """A step hook: a clock read after every training step, and the loader's wait and the
+    peers' wait from the end of the warm-up."""
 
-    def __init__(self, *args, warmup: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.clock = report.StepClock(self.env.device, warmup)
+    def __init__(self, device, warmup: int):
+        self.clock = report.StepClock(device, warmup)
         self.wait_at_warmup = 0.0
         self.peer_wait = report.PeerWait()
 
-    def train_step(self, pipeline, batches):
-        loss = super().train_step(pipeline, batches)  # StopIteration at the end passes through
+    def __call__(self, trainer: Trainer) -> None:
         self.clock.tick()
         self.peer_wait.mark_end()  # after every step: what follows the last one (eval) is not counted
         if len(self.clock.ends) == self.clock.warmup:
-            self.wait_at_warmup = self.train_reader.wait_seconds
+            self.wait_at_warmup = trainer.train_reader.wait_seconds
             self.peer_wait.mark_start()
-        return loss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,18 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not cfg.run_dir or cfg.run_dir == "runs/default":
             cfg.run_dir = f"runs/bench/e2e_ws{env.world_size}"
-        cfg.train.max_steps = args.warmup + args.steps
-        trainer = TimedTrainer(cfg, env, train_files, val_files, warmup=args.warmup)
+        cfg.train.max_steps, cfg.train.epochs = args.warmup + args.steps, 1
+        timer = StepTimer(env.device, args.warmup)
+        trainer = Trainer(cfg, env, train_files, val_files, step_hooks=(timer,))
         if trainer.total_steps < cfg.train.max_steps:
             raise SystemExit(
                 f"bench e2e: {args.warmup} + {args.steps} steps need {cfg.train.max_steps * trainer.global_batch:,} "
                 f"rows but one epoch of data.train gives {trainer.steps_per_epoch} steps; use fewer --steps or more data"
             )
-        trainer.total_steps = min(trainer.total_steps, trainer.steps_per_epoch)
         trainer.run()
-        numbers = report.rank_numbers(trainer.clock, cfg.train.batch_size,
-                                      trainer.train_reader.wait_seconds - trainer.wait_at_warmup, env.device,
-                                      peer_wait_ms_per_step=trainer.peer_wait.ms_per_step(trainer.clock.measured_steps))
+        numbers = report.rank_numbers(timer.clock, cfg.train.batch_size,
+                                      trainer.train_reader.wait_seconds - timer.wait_at_warmup, env.device,
+                                      peer_wait_ms_per_step=timer.peer_wait.ms_per_step(timer.clock.measured_steps))
         per_rank = report.gather_ranks(numbers)
         threads, placements, num_rows = trainer.threads, trainer.placements, trainer.train_reader.num_rows
         # The sharded model holds the process group: drop it before destroy() (see trainer.train).

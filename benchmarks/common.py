@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
-from deepfm_dist.bench import report
+from benchmarks import report
 from deepfm_dist.config import Config, ConfigError, load_config
 from deepfm_dist.data.batch import Batch
 

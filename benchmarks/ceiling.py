@@ -1,6 +1,6 @@
 """The compute ceiling of a CPU training step: the MLP alone in one process on all cores.
 
-    python -m deepfm_dist.bench ceiling [--warmup 20] [--steps 100] [--threads 0]
+    python -m benchmarks ceiling [--warmup 20] [--steps 100] [--threads 0]
         [--batch-size B] [--section.key=value ...]
 
 The model's own deep tower (``DeepTower``: same input width F*D, layer sizes, BatchNorm and
@@ -21,11 +21,11 @@ import argparse
 
 import torch
 
-from deepfm_dist.bench import report
-from deepfm_dist.bench.common import add_common_args, parse, pick_single_device, set_threads
+from benchmarks import report
+from benchmarks.common import add_common_args, parse, pick_single_device, set_threads
 from deepfm_dist.model.deepfm import DeepTower
 from deepfm_dist.optim import _dense_optimizer
-from deepfm_dist.trainer import autocast, check_precision
+from deepfm_dist.step import autocast, check_precision
 
 
 def main(argv: list[str] | None = None) -> int:

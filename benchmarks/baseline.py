@@ -1,7 +1,7 @@
 """A plain single-process PyTorch DeepFM of the same size: what one would write without
 TorchRec. The ``e2e`` target is a multiple of this.
 
-    python -m deepfm_dist.bench baseline [--warmup 10] [--steps 50] [--threads 0]
+    python -m benchmarks baseline [--warmup 10] [--steps 50] [--threads 0]
         [--batch-size B] [--tables config|kaggle] [--section.key=value ...]
 
 One ``nn.EmbeddingBag(rows, D + 1, mode="sum", sparse=True)`` per sparse column (D vector
@@ -24,12 +24,12 @@ import itertools
 import torch
 from torch import nn
 
-from deepfm_dist.bench import report
-from deepfm_dist.bench.common import add_common_args, config_line, parse, pick_single_device, set_threads, synthetic_batches
+from benchmarks import report
+from benchmarks.common import add_common_args, config_line, parse, pick_single_device, set_threads, synthetic_batches
 from deepfm_dist.model.deepfm import DeepTower, DenseFields
 from deepfm_dist.model.fm import fm_second_order
 from deepfm_dist.optim import _dense_optimizer
-from deepfm_dist.trainer import autocast, check_precision
+from deepfm_dist.step import autocast, check_precision
 
 
 def autograd_fm(fields: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from deepfm_dist.distributed import shm
-from deepfm_dist.sysinfo import cpu_name, git_commit
+from benchmarks.sysinfo import cpu_name, git_commit
 
 DEFAULT_OUT_DIR = "runs/bench"
 
@@ -197,9 +197,10 @@ def rank_numbers(clock: StepClock, samples_per_step: int, wait_seconds: float, d
 
 class PeerWait:
     """Time this rank spends blocked in shared-memory collectives on ranks that have not
-    arrived (``distributed.shm.peer_wait_seconds``) over the measured steps: how much of a
+    arrived (``distributed.shm.peer_wait_seconds``: by default the dense gradient all-reduce) over the
+    measured steps: how much of a
     multi-rank step is the ranks waiting for each other. ``ms_per_step`` is None when this
-    process has no shared-memory group (one rank, gloo or NCCL collectives)."""
+    process maps no shared-memory segments (one rank, gloo or NCCL only)."""
 
     def __init__(self):
         self.mark_start()
@@ -211,7 +212,7 @@ class PeerWait:
         self.end = shm.peer_wait_seconds()
 
     def ms_per_step(self, steps: int) -> float | None:
-        if not shm.groups_created or not steps:
+        if not shm.segments_in_use() or not steps:
             return None
         return (self.end - self.start) / steps * 1e3
 

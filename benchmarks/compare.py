@@ -1,6 +1,6 @@
 """All throughput benchmarks in one invocation, and the ratios the project's targets are stated in.
 
-    python -m deepfm_dist.bench compare [--nproc N] [--repeats R] [--no-memory]
+    python -m benchmarks compare [--nproc N] [--repeats R] [--no-memory]
         [--section.key=value ...]
 
 Runs, one after the other, each in its own process(es): ``ceiling`` (MLP alone, one process,
@@ -9,8 +9,8 @@ every core, with the dense fields folded into the first layer as DeepFM runs it;
 run's global batch), ``step`` on 1 rank x 1 thread (CPU; one GPU when present) and on N ranks
 (default: 2 on CPU, every GPU), ``e2e`` on N ranks, and ``step --tables kaggle`` on N ranks
 (the memory target). Config overrides go to every mode (e.g. ``--model.linear_kernel=torch``
-measures the MKL Linear layers). Every run gets the launchers' malloc settings (``MALLOC_ENV``,
-unless the environment sets them), and the one-process runs bind their OpenMP threads to cores,
+measures the MKL Linear layers). Every run inherits the malloc settings of ``launcher/common.sh`` (run it
+through ``launcher/bench.sh``), and the one-process runs bind their OpenMP threads to cores,
 the counterpart of ``train.pin_cpus`` for the ranks. Each measurement records how much CPU other processes used meanwhile
 (``other_load_cores``); one above ``--max-other-load`` is repeated (up to ``--retries``
 times) and the least disturbed attempt is kept. With ``--repeats R`` the whole sequence runs R
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from deepfm_dist.bench import report
+from benchmarks import report
 
 TARGETS = {
     "e2e_vs_ceiling": 0.80,
@@ -58,11 +58,11 @@ def _last_json(stdout: str) -> dict[str, Any] | None:
 
 
 def command(mode: str, nproc: int, args: list[str]) -> list[str]:
-    """``python -m deepfm_dist.bench MODE`` for one process, torchrun for more."""
+    """``python -m benchmarks MODE`` for one process, torchrun for more."""
     if nproc <= 1:
-        return [sys.executable, "-m", "deepfm_dist.bench", mode, *args]
+        return [sys.executable, "-m", "benchmarks", mode, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-            f"--nproc_per_node={nproc}", "--local-ranks-filter=0", "-m", "deepfm_dist.bench", mode, *args]
+            f"--nproc_per_node={nproc}", "--local-ranks-filter=0", "-m", "benchmarks", mode, *args]
 
 
 def _logged_result(log: str, cmd: list[str], stdout: str, stderr: str) -> dict[str, Any] | None:
@@ -124,12 +124,10 @@ def run_concurrent(name: str, cmd: list[str], copies: int, cores_each: int, env:
             "copies_samples_per_s": rates, "command": f"{copies} x (" + " ".join(cmd) + ") on their own cores"}
 
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
-"""glibc malloc keeps freed memory instead of unmapping it (as ``launcher/common.sh`` sets
-for every launcher): otherwise every step's multi-MB activations are fresh mmaps, ~2,000 page
-faults (~3.7 ms of kernel time) per step and rank. Measured: +8% per step, +4% on the ceiling."""
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+"""Set by ``launcher/common.sh``, the one place for them; shown in the report."""
 OMP_BIND_ENV = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
-_SHOWN_ENV = ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", *MALLOC_ENV)
+_SHOWN_ENV = ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", *MALLOC_VARS)
 
 
 def measure(name: str, cmd: list[str], env: dict[str, str], log_dir: str, retries: int, max_other: float,
@@ -259,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = os.path.join(report.DEFAULT_OUT_DIR, f"compare_{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(log_dir, exist_ok=True)
     steps = (["--warmup", "2", "--steps", "3"] if args.quick else [])
-    base_env = {**MALLOC_ENV, **os.environ}
+    base_env = dict(os.environ)
+    if not all(v in base_env for v in MALLOC_VARS):
+        print("bench compare: the malloc settings of launcher/common.sh are not set; run ./launcher/bench.sh compare "
+              "to measure what the launchers run", file=sys.stderr)
     run_cfg = _run_config(overrides)
     one_process_env = dict(base_env, **(OMP_BIND_ENV if run_cfg.train.pin_cpus else {}))
     per_rank_batch = run_cfg.train.batch_size

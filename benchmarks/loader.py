@@ -10,7 +10,7 @@ Both are warmed up (a first pass fills the page cache and imports everything), t
 best pass is the least disturbed one). Rates are per loader process: the loader's rate is
 divided by its worker processes when ``--workers`` > 0.
 
-    python -m deepfm_dist.bench loader [--data DIR] [--rows N] [--batch-size B] [--workers K]
+    python -m benchmarks loader [--data DIR] [--rows N] [--batch-size B] [--workers K]
 
 The last output line is one JSON object with ``raw_rows_per_s``, ``loader_rows_per_s`` and
 ``ratio`` (loader / raw).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from deepfm_dist.bench import report
+from benchmarks import report
 from deepfm_dist.config import DataConfig
 from deepfm_dist.data import ParquetLoader, generate, resolve_parquet_paths
 

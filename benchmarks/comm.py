@@ -1,6 +1,6 @@
 """The collectives of one training step alone, at the step's sizes: what the process group costs.
 
-    torchrun --nproc_per_node=2 -m deepfm_dist.bench comm [--warmup 10] [--steps 100]
+    torchrun --nproc_per_node=2 -m benchmarks comm [--warmup 10] [--steps 100]
         [--section.key=value ...]
 
 A table-wise step exchanges, per rank: three small all-to-alls (the input dist's splits, KJT
@@ -26,8 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from deepfm_dist.bench import report
-from deepfm_dist.bench.common import add_common_args, parse
+from benchmarks import report
+from benchmarks.common import add_common_args, parse
 from deepfm_dist.distributed import shm
 from deepfm_dist.distributed.env import destroy, init_distributed, setup_cpu_rank
 from deepfm_dist.distributed.sharding import transport as model_transport

@@ -1,8 +1,8 @@
 """Training steps on pre-built batches: the sharded model, its optimizers and the real step
-(``Trainer.train_step``: TrainPipelineSparseDist, or the plain loop with
+(``step.Stepper``: TrainPipelineSparseDist, or ``train_step`` one batch at a time with
 ``--train.pipeline=false``), with no file I/O, to isolate model + sharding + comms.
 
-    torchrun --nproc_per_node=2 -m deepfm_dist.bench step [--warmup 20] [--steps 100]
+    torchrun --nproc_per_node=2 -m benchmarks step [--warmup 20] [--steps 100]
         [--tables config|kaggle] [--profile DIR] [--section.key=value ...]
 
 Batches are Criteo-shaped (``common.synthetic_batches``), made once per rank before the
@@ -18,15 +18,13 @@ import gc
 import itertools
 import os
 import time
-import types
 
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from deepfm_dist.bench import report
-from deepfm_dist.bench.common import (
+from benchmarks import report
+from benchmarks.common import (
     add_common_args, config_line, distributed_summary, parse, run_line, sharding_line, synthetic_batches,
 )
 from deepfm_dist.distributed.env import destroy, init_distributed, setup_cpu_rank
@@ -34,8 +32,8 @@ from deepfm_dist.distributed.sharding import describe_plan, plan_report, shard_m
 from deepfm_dist.model import table_name
 from deepfm_dist.model.build import table_names
 from deepfm_dist.optim import build_optimizers, lr_factor, set_learning_rates
-from deepfm_dist import trainer
-from deepfm_dist.trainer import Trainer, quiet_library_noise
+from deepfm_dist.logs import quiet_library_noise
+from deepfm_dist.step import Stepper, build_model
 
 DISTINCT_BATCHES = 16
 """Pre-built batches per rank, cycled (distinct ids per step without holding a whole epoch)."""
@@ -86,7 +84,7 @@ def profile_steps(step, steps: int, out_dir: str, rank: int) -> str:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
     with open(os.path.join(out_dir, f"ops_rank{rank}.txt"), "w") as f:
         f.write(table)
-    from deepfm_dist.bench.profile import breakdown
+    from benchmarks.profile import breakdown
 
     with open(os.path.join(out_dir, f"breakdown_rank{rank}.txt"), "w") as f:
         f.write(breakdown(prof.key_averages(), steps, wall))
@@ -96,12 +94,12 @@ def profile_steps(step, steps: int, out_dir: str, rank: int) -> str:
 def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int | None]:
     """Build the sharded model and run the steps; returns (per-rank numbers, plan, threads).
 
-    Everything that holds the process group (model, pipeline, optimizers) lives only in here,
+    Everything that holds the process group (model, stepper, optimizers) lives only in here,
     so it is gone before the caller destroys the group (see trainer.train).
     """
     threads, _ = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)  # as the Trainer does
     rss_before_model = report.current_rss_mb()
-    model, plan = shard_model(trainer.build_model(cfg), cfg, env)
+    model, plan = shard_model(build_model(cfg), cfg, env)
     opts = build_optimizers(model, cfg.optimizer, cfg.train.grad_clip)
     placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
     memory = memory_breakdown(model, opts)
@@ -109,16 +107,13 @@ def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int |
     if env.device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
     data = report.TimedIterator(itertools.cycle(batches))
-    pipeline = (TrainPipelineSparseDist(model, opts.combined, env.device, execute_all_batches=True)
-                if cfg.train.pipeline else None)
-    # The real step: Trainer.train_step on an object holding what it reads.
-    holder = types.SimpleNamespace(env=env, cfg=cfg, opts=opts, model=model)
+    stepper = Stepper(model, opts.combined, env.device, cfg.train.precision, cfg.train.pipeline)  # the real step
     total = args.warmup + args.steps
     model.train()
 
     def step(i: int = 0) -> torch.Tensor:
         set_learning_rates(opts, cfg.optimizer, lr_factor(cfg.optimizer, i, total))
-        return Trainer.train_step(holder, pipeline, data)
+        return stepper(data)
 
     if env.world_size > 1:
         torch.distributed.barrier()
@@ -139,8 +134,7 @@ def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int |
         table = profile_steps(step, args.profile_steps, args.profile, env.rank)
         if env.is_main:
             print(table)
-    if pipeline is not None:
-        pipeline.detach()
+    stepper.detach()
     return report.gather_ranks(numbers), placements, threads
 
 

@@ -1,0 +1,71 @@
+"""Evaluation: when (``train.eval_every``, every epoch's end, the run's end) and the exact
+AUC / logloss over every rank's validation rows."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepfm_dist.distributed.env import DistEnv
+from deepfm_dist.logs import MetricsLogger
+from deepfm_dist.metrics import global_auc_logloss
+from deepfm_dist.step import autocast
+
+
+@torch.no_grad()
+def sync_dense_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Give every rank rank 0's BatchNorm running statistics.
+
+    TorchRec wraps the dense part in DDP with ``broadcast_buffers=False``, so every rank
+    updates its running statistics with its own batches only and the ranks disagree. DCP saves
+    one copy of a replicated tensor from whichever rank it picks: broadcasting rank 0's before
+    every checkpoint and evaluation makes the checkpoint, the resume and the scores agree.
+    """
+    if env.world_size == 1:
+        return
+    for name, buf in model.named_buffers():
+        if "sparse_fields" not in name and isinstance(buf, torch.Tensor) and buf.is_floating_point():
+            torch.distributed.broadcast(buf, src=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") -> tuple[float, float, int]:
+    """Score this rank's share of the validation set; exact AUC/logloss over all ranks' rows."""
+    sync_dense_buffers(model, env)
+    model.eval()
+    logits, labels, weights = [], [], []
+    for batch in reader:
+        batch = batch.to(env.device, non_blocking=True)
+        with autocast(env.device, precision):
+            _, (_, lg, lb, w) = model(batch)
+        logits.append(lg.float())
+        labels.append(lb)
+        weights.append(w)
+    model.train()
+    keep = torch.cat(weights) > 0  # padding rows (weight 0) are not scored
+    return global_auc_logloss(torch.cat(logits)[keep], torch.cat(labels)[keep].float())
+
+
+class Evaluator:
+    """Owns the evaluation schedule and records each result. Collective: every rank runs it."""
+
+    def __init__(self, model: nn.Module, reader, env: DistEnv, metrics: MetricsLogger, *, every: int,
+                 precision: str, samples_per_step: int):
+        self.model, self.reader, self.env, self.metrics = model, reader, env, metrics
+        self.every, self.precision, self.samples_per_step = every, precision, samples_per_step
+        self.results: list[dict] = []
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def run(self, step: int, epoch: int) -> dict:
+        auc, ll, n = evaluate(self.model, self.reader, self.env, self.precision)
+        record = {"step": step, "epoch": epoch, "samples": step * self.samples_per_step,
+                  "val_auc": auc, "val_logloss": ll, "val_rows": n}
+        self.metrics.write(**record)
+        self.metrics.log(f"eval step {step} (epoch {epoch}): val AUC {auc:.4f} logloss {ll:.4f} ({n:,} rows)")
+        self.results.append(record)
+        return record
+
+    def last_step(self) -> int | None:
+        return self.results[-1]["step"] if self.results else None

@@ -1,0 +1,30 @@
+"""Files written so that a reader never sees half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def write_json_atomic(path: str, obj: Any, indent: int = 2, tmp: str | None = None) -> None:
+    """Write ``obj`` as JSON to ``path``: a temporary file beside it (``tmp``, or a hidden name
+    with this process's id), flushed to disk, then renamed over ``path``, so a crash leaves the
+    old file or the new one, never a cut one."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    tmp = tmp or os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,69 @@
+"""One training step, and the model it trains: nothing here knows about schedules or files."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from deepfm_dist.config import Config
+from deepfm_dist.loss import DeepFMTrain
+from deepfm_dist.model.build import build_deepfm
+
+
+def build_model(cfg: Config) -> DeepFMTrain:
+    """DeepFM with its tables on ``meta`` (DMP materialises the shards), wrapped with the loss."""
+    torch.manual_seed(cfg.train.seed)
+    return DeepFMTrain(build_deepfm(cfg, table_device="meta"))
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast of the dense compute (CUDA, or CPU: the MLP's oneDNN Linear layers follow
+    it, see model/linear.py); a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """Fail at start-up when bf16 would be emulated: on a CPU without native bf16 (AVX512-BF16
+    or AMX) oneDNN's bf16 matmuls are slower than fp32, so asking for them is a mistake."""
+    if precision == "bf16" and device_type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError(
+            "train.precision='bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX) for oneDNN; "
+            "this CPU has neither, so bf16 would be slower than fp32: use train.precision=fp32"
+        )
+
+
+def train_step(model: nn.Module, optimizer, batch: Batch) -> torch.Tensor:
+    """Forward, backward and optimizer step on one batch already on the model's device; returns
+    the detached local loss (a device tensor: no host sync)."""
+    optimizer.zero_grad()
+    loss, _ = model(batch)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class Stepper:
+    """Steps over a stream of batches: TorchRec's ``TrainPipelineSparseDist`` (the next batch's
+    copy to the device and its embedding input all-to-all overlap this step), or ``train_step``
+    one batch at a time. ``next(batches)`` is the caller's; StopIteration ends the stream."""
+
+    def __init__(self, model: nn.Module, optimizer, device: torch.device, precision: str, pipelined: bool):
+        self.model, self.optimizer, self.device, self.precision = model, optimizer, device, precision
+        self.pipeline = (TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+                         if pipelined else None)
+
+    def __call__(self, batches: Iterator[Batch]) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            if self.pipeline is not None:
+                loss, *_ = self.pipeline.progress(batches)
+                return loss
+            return train_step(self.model, self.optimizer, next(batches).to(self.device, non_blocking=True))
+
+    def detach(self) -> None:
+        """Back to the plain model (evaluation, the end of an epoch); ``__call__`` re-attaches."""
+        if self.pipeline is not None:
+            self.pipeline.detach()
