@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 
 from benchmarks import report
 from deepfm_dist.config import DataConfig
-from deepfm_dist.data import ParquetLoader, generate, resolve_parquet_paths
+from deepfm_dist.data import ParquetLoader, resolve_parquet_paths
+from deepfm_dist.prepare.synthetic import generate
 
 DEFAULT_DATA = "data/generated/bench_loader"
 

@@ -6,7 +6,7 @@
 
 import sys
 
-from deepfm_dist.data.synthetic import main
+from deepfm_dist.prepare.synthetic import main
 
 if __name__ == "__main__":
     sys.exit(main())

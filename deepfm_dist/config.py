@@ -188,8 +188,7 @@ class ModelConfig:
     """Std of the normal initialisation of embedding vectors (first-order weights start at 0)."""
     linear_kernel: str = "auto"
     """The MLP's Linear layers on CPU: auto or onednn (oneDNN's AVX-512 kernels where PyTorch
-    has them: +54% per step on the AMD dev machines, where MKL runs its AVX2 code), or torch
-    (nn.Linear, i.e. MKL). GPU tensors always use nn.Linear. Same parameters either way."""
+    has them; on AMD CPUs MKL runs its AVX2 code), or torch (nn.Linear, i.e. MKL). GPU tensors always use nn.Linear. Same parameters either way."""
 
     def __post_init__(self) -> None:
         _require(self.linear_kernel in LINEAR_KERNELS, "model.linear_kernel", self.linear_kernel,

@@ -4,9 +4,8 @@ A table lookup or fused row update touches one random row of a table of 100k-10M
 4 KiB pages every such touch is a TLB miss and a page walk: a rank's tables (99 MiB at the
 default preset, ~1.2 GiB at the Kaggle one) are far beyond what the TLB maps (~12 MiB on Zen 5
 at 4 KiB). On 2 MiB pages the same tables need a few hundred TLB entries.
-Measured on the 2-core dev machine, in one process: FBGEMM's lookup plus fused row-wise
-Adagrad update of 26 tables takes 1-6% less time at 100k rows per table (the default preset), 11-21%
-less at 1.3M rows (Kaggle-sized), for 2048-4096 rows per step (``benchmarks/hugepages_ab.py``).
+The gain grows with the table size (``benchmarks/hugepages_ab.py`` measures it; figures in the
+benchmark reports).
 
 Most distributions (and this machine) set THP to ``madvise``: only ranges a process asks for get
 huge pages. ``advise_huge_pages`` asks for the storages of the given tensors
@@ -15,9 +14,9 @@ has the kernel move them onto huge pages now (``MADV_COLLAPSE``, Linux 6.1+; on 
 khugepaged does it in the background, slowly). Only whole 2 MiB-aligned stretches inside each
 storage are touched, so no neighbouring allocation changes. Elsewhere than Linux it does nothing.
 
-Why not PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (every allocation >= 2 MiB on huge pages): measured
-here, the MLP ceiling moved within noise (its activations stream sequentially), and the plain
-PyTorch baseline ran 9-16% slower in two alternated pairs. Only the random-access tables gain.
+Why not PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (every allocation >= 2 MiB on huge pages): the
+MLP's activations stream sequentially and do not gain, and the plain PyTorch baseline slowed
+down with it. Only the random-access tables gain.
 """
 
 from __future__ import annotations

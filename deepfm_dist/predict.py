@@ -31,14 +31,13 @@ the plain exported model on the same rows.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from deepfm_dist import checkpoint as ckpt
+from deepfm_dist import cli
 from deepfm_dist.config import Config, ConfigError, build_config
 
 # deepfm_dist modules that import torchrec (seconds) are imported where they are used, so that
@@ -75,34 +75,28 @@ def _env_rank() -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- command line
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+@dataclass
+class PredictOptions:
+    model: str = field(metadata={"metavar": "PATH"})
+    """A checkpoint directory, a folder of checkpoints (its latest complete one), or an exported model.pt."""
+    data: list[str] = field(metadata={"metavar": "SPEC"})
+    """Parquet files, directories or globs (local or URI); several, and repeatable."""
+    out: str = field(metadata={"metavar": "DIR"})
+    """The output directory: one part-RRRRR.parquet per rank and _summary.json."""
+    id_columns: str = field(default="", metadata={"metavar": "A,B"})
+    """Input columns copied to the output beside each prediction (any type)."""
+    batch_size: int | None = field(default=None, metadata={"parse": cli.positive_int, "metavar": "N"})
+    """Rows per batch and rank (default: the model's train.val_batch_size or train.batch_size)."""
+    label: str = field(default="auto", metadata={"choices": ("auto", "none")})
+    """auto: report AUC / logloss if every file has the model's label column; none: ignore labels."""
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    """auto: one GPU per rank when visible, else CPU."""
+    overwrite: bool = False
+    """Replace a previous prediction in --out (only the files this tool writes)."""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="PATH",
-                        help="checkpoint directory, folder of checkpoints (latest), or an exported model.pt")
-    parser.add_argument("--data", required=True, action="extend", nargs="+", metavar="SPEC",
-                        help="Parquet files, directories or globs (local or URI); repeatable")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--id-columns", default="", metavar="A,B",
-                        help="input columns copied to the output beside each prediction (any type)")
-    parser.add_argument("--batch-size", type=_positive, default=0, metavar="N",
-                        help="rows per batch and rank (default: the model's train.val_batch_size or train.batch_size)")
-    parser.add_argument("--label", choices=("auto", "none"), default="auto",
-                        help="auto: report AUC/logloss if every file has the model's label column; none: ignore labels")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: one GPU per rank when visible, else CPU")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous prediction in --out")
-    return parser.parse_args(argv)
+def parse_args(argv: list[str] | None) -> PredictOptions:
+    return cli.parse(PROG, PredictOptions, argv, __doc__.split("\n\n")[0])
 
 
 def _id_columns(text: str) -> list[str]:
@@ -349,7 +343,7 @@ class Setup:
     """Everything checked before the process group exists: a bad input fails every rank the
     same way, before any collective."""
 
-    args: argparse.Namespace
+    args: PredictOptions
     source: ModelSource
     files: list[str]
     id_columns: list[str]
@@ -358,7 +352,7 @@ class Setup:
     created_out: bool  # --out did not exist before: removed again if scoring fails with it empty
 
 
-def prepare(args: argparse.Namespace) -> Setup:
+def prepare(args: PredictOptions) -> Setup:
     """Checks the command line, the model and the data (footers only); builds the loader and,
     for an exported model, the model. Raises InputError naming the flag, file or column."""
     from deepfm_dist.data import ParquetLoader, resolve_parquet_paths

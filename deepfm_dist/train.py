@@ -18,15 +18,24 @@ and deepfm_dist/configs/default.toml; `--help-keys` lists them with their defaul
 """
 
 
-def _help_keys() -> str:
+def _help_keys(with_docs: bool = False) -> str:
+    """Every key with its default (``--help-keys``), and with its documentation (``--help``)."""
     import dataclasses
+    import textwrap
 
+    from deepfm_dist.cli import field_docs
     from deepfm_dist.config import SECTIONS, Config
 
-    lines = ["run_dir = " + repr(Config.run_dir)]
+    def entry(key: str, default, doc: str) -> list[str]:
+        head = [f"{key} = {default!r}"]
+        return head + (textwrap.wrap(doc, 92, initial_indent="    ", subsequent_indent="    ") if with_docs else [])
+
+    top = field_docs(Config)
+    lines = entry("run_dir", Config.run_dir, top.get("run_dir", "")) + entry("resume", False, top.get("resume", ""))
     for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls()):
-            lines.append(f"{name}.{f.name} = {getattr(cls(), f.name)!r}")
+            lines += entry(f"{name}.{f.name}", getattr(cls(), f.name), docs.get(f.name, ""))
     return "\n".join(lines)
 
 
@@ -35,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse the configuration and train; returns the run summary (the same on every rank)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(USAGE)
+        print(USAGE + "\nkeys (--section.key=value), with their defaults:\n" + _help_keys(with_docs=True))
         return {}
     if "--help-keys" in argv:
         print(_help_keys())

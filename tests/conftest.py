@@ -21,7 +21,7 @@ def port() -> int:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small planted Criteo-style Parquet set: (folder, oracle dict)."""
-    from deepfm_dist.data.synthetic import generate
+    from deepfm_dist.prepare.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     oracle = generate(

@@ -14,14 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from deepfm_dist.data import (
-    generate,
-    hash_ids,
-    hash_strings,
-    resolve_parquet_paths,
-    splitmix64,
-)
-from deepfm_dist.data import hashing, synthetic
+from deepfm_dist.data import hash_ids, hash_strings, hashing, resolve_parquet_paths, splitmix64
+from deepfm_dist.prepare import synthetic
+from deepfm_dist.prepare.synthetic import generate
 
 # --------------------------------------------------------------------------- hashing
 

@@ -635,7 +635,7 @@ def test_bench_dispatcher_and_loader_mode(tmp_path, capsys):
 
     assert main(["nope"]) == 2
     assert "unknown benchmark mode 'nope'" in capsys.readouterr().err
-    from deepfm_dist.data import generate
+    from deepfm_dist.prepare.synthetic import generate
 
     generate(tmp_path, train_rows=3000, val_rows=100, files_per_split=(2, 1), row_group_size=500,
              max_cardinality=100)

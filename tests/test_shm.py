@@ -212,3 +212,32 @@ def _fused_pooled_worker() -> dict:
 def test_fused_pooled_all_to_all_equals_torchrec_values_and_gradients_with_fallback():
     results = launch(_fused_pooled_worker, (), nproc=2)
     assert results[0]["checked"] == results[1]["checked"] == [8, 16000]
+
+
+def test_fused_pooled_checks_what_it_replaces():
+    """The opt-in fused pooled all-to-all replaces TorchRec's alltoall_pooled by name: start-up
+    refuses a TorchRec whose function is not the one it was written for."""
+    import types
+
+    from torchrec.distributed import comm_ops, dist_data
+
+    from deepfm_dist.distributed import pooled_shm
+
+    pooled_shm.check_replaceable(comm_ops, dist_data)  # the pinned TorchRec passes
+
+    def alltoall_pooled(a2a_pooled_embs_tensor, batch_size_per_rank, group=None):
+        return None
+
+    alltoall_pooled.__module__ = "torchrec.distributed.comm_ops"
+    changed = types.SimpleNamespace(alltoall_pooled=alltoall_pooled)
+    with pytest.raises(RuntimeError, match="parameters are .*set sharding.shm_fused_pooled=false"):
+        pooled_shm.check_replaceable(changed, types.SimpleNamespace(alltoall_pooled=alltoall_pooled,
+                                                                    PooledEmbeddingsAllToAll=dist_data.PooledEmbeddingsAllToAll))
+
+    class Forward:
+        def forward(self):
+            return 1
+
+    same = types.SimpleNamespace(alltoall_pooled=comm_ops.alltoall_pooled, PooledEmbeddingsAllToAll=Forward)
+    with pytest.raises(RuntimeError, match="no longer calls alltoall_pooled"):
+        pooled_shm.check_replaceable(comm_ops, same)

@@ -1,9 +1,9 @@
-"""Data: the Batch type, id hashing, the Parquet loader and the synthetic data set.
+"""Data: the Batch type, id hashing and the Parquet loader.
 
 Where the data is read: ``loader.ParquetLoader`` (footers and work split in ``loader``, column
 conversion in ``columns``, schema checks and the model's ``FeatureSpec``s in ``schema``, file
 names and filesystems in ``parquet``). How raw values become table rows: ``hashing``. The
-synthetic Criteo-like data set with a known best score: ``synthetic``.
+synthetic data set is a tool: ``deepfm_dist.prepare.synthetic``.
 """
 
 from deepfm_dist.data.batch import Batch
@@ -11,17 +11,14 @@ from deepfm_dist.data.hashing import hash_ids, hash_strings, splitmix64
 from deepfm_dist.data.loader import ParquetLoader
 from deepfm_dist.data.parquet import open_parquet, resolve_parquet_paths
 from deepfm_dist.data.schema import FeatureSpec, feature_specs
-from deepfm_dist.data.synthetic import generate, log_loss
 
 __all__ = [
     "Batch",
     "FeatureSpec",
     "ParquetLoader",
     "feature_specs",
-    "generate",
     "hash_ids",
     "hash_strings",
-    "log_loss",
     "open_parquet",
     "resolve_parquet_paths",
     "splitmix64",

@@ -13,9 +13,7 @@ the all-to-all, then a ``div_`` by world size. On the shared-memory group
 - backward: each peer's gradient columns are divided by the world size straight into the
   segment, and the input gradient is assembled in one pass the same way.
 
-Measured on the 2-core machine with timers around both paths in the 2-rank step: ~4.3 ms per
-step in TorchRec's four autograd functions against ~2.0 ms here, waits included
-(benchmarks/cpu-2core_202612.md). The values are bitwise those of TorchRec's path: the same bytes are moved, and the gradient is divided by W with the same
+The values are bitwise those of TorchRec's path: the same bytes are moved, and the gradient is divided by W with the same
 ``div``. This replaces a TorchRec function by name, so it is opt-in (``sharding.shm_all_to_all``)
 and ``install()`` first checks that the function is the one this was written for. ``install()`` routes ``alltoall_pooled`` here for groups served by shared memory, and
 leaves every other group (gloo, NCCL, quantized comms, sync collectives) to TorchRec. The

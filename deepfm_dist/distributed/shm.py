@@ -1,9 +1,8 @@
-"""Shared-memory all-to-all and all-reduce for CPU ranks on one node (``sharding.intra_node_comm=shm``).
+"""Shared-memory all-to-all and all-reduce for CPU ranks on one node (``sharding.intra_node_comm``).
 
 On CPU, gloo moves every byte between ranks of one node over loopback TCP, and each collective
 passes from the calling thread to a gloo worker thread and its TCP loop thread and back, on the
-same core the rank computes on. On the 2-core dev machine a training step's collectives cost
-about 9 ms of a ~58 ms step (benchmarks/cpu-2core_202612.md). Here the ranks of one node exchange
+same core the rank computes on. Here the ranks of one node exchange
 through files in /dev/shm that every rank maps: an all-to-all is one copy into this rank's
 segment of what the peers need and one copy out of each peer's (this rank's own chunk goes
 straight from input to output), an all-reduce one copy in and a sum over the segments (with 2

@@ -24,7 +24,7 @@ tensors are cold by then (the MLP ran in between), so each pass costs a trip to 
   buffer, so the padding columns get a zero gradient and the fused optimizer leaves them
   untouched).
 
-Measured in benchmarks/cpu-2core_202612.md. ``tests/test_fm.py`` checks values and gradients
+Figures are in the benchmark reports. ``tests/test_fm.py`` checks values and gradients
 of both forms against the unfused composition and the FM term against a brute-force double loop.
 """
 
@@ -53,8 +53,8 @@ class _FieldInteractions(torch.autograd.Function):
         out = values.new_empty(batch, num_dense + len(order) * dim)  # [x | v_1 .. v_Ns]
         sparse = out[:, num_dense:].view(batch, len(order), dim)
         if _per_field_copies(values):
-            # One strided copy per field: measured faster on CPU than index_select or advanced
-            # indexing over the key dimension (0.19 vs 0.26-0.72 ms for 26 x [2048, 16]).
+            # One strided copy per field: faster on CPU than index_select or advanced indexing
+            # over the key dimension.
             for slot, key in enumerate(order):
                 sparse[:, slot].copy_(rows[:, key, :dim])
         else:
@@ -91,8 +91,7 @@ class _FieldInteractions(torch.autograd.Function):
         total = torch.addcmul(grad_sparse, sparse, g[:, None, None], value=-1)  # [B, Ns, D]
         gs = s * g[:, None]  # [B, D]
         # Zero-filled whole, so padding columns get a zero gradient. Filling only the padding
-        # (3 of every 20 floats) measured the same: either way the cost is bringing the fresh
-        # [B, K, W] buffer into cache (~1.3 ms per 2048-row sharded step here), not the fill.
+        # is no cheaper: the cost is bringing the fresh [B, K, W] buffer into cache, not the fill.
         grad_rows = out.new_zeros(batch, len(order), width)
         if _per_field_copies(out):
             for slot, key in enumerate(order):

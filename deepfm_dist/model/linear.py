@@ -9,14 +9,14 @@ autograd formula, so ``OneDNNLinear`` supplies one (three matmuls, all through o
 
     y = x W^T + b,   dx = dy W,   dW = dy^T x,   db = sum_B dy
 
-Measured on the 2-core dev machine (benchmarks/cpu-2core_202611.md): +70% on the MLP alone,
-+54% on a 2-rank training step. On CUDA tensors (and other dtypes or shapes) the layer is a
+Why: MKL runs its AVX2 code on AMD CPUs, oneDNN its AVX-512 kernels (figures in the
+benchmark reports). On CUDA tensors (and other dtypes or shapes) the layer is a
 plain ``nn.Linear``: one code path, the kernel chosen by where the tensors live.
 
 Under CPU bf16 autocast (``train.precision=bf16``) the same three matmuls run in bf16 with
 fp32 accumulation: input, weight and bias are cast to bf16 (the weights stay fp32, autograd
 casts their gradients back), so on CPUs with AVX512-BF16 or AMX oneDNN runs them at about
-twice the fp32 rate (483 vs 240 GFLOP/s per core measured on the dev machines). This is what
+about twice the fp32 rate. This is what
 autocast does for ``nn.Linear`` too; the custom op is not on autocast's list, so it is done here.
 
 ``linear_class(kernel)`` is what ``DeepTower`` builds its layers with; a ``OneDNNLinear`` has

@@ -46,6 +46,7 @@ from deepfm_dist.prepare.convert import (
     run_task,
     set_progress_sink,
 )
+from deepfm_dist import cli
 from deepfm_dist.prepare.errors import PrepareError
 
 SPLITS = ("none", "kaggle", "terabyte")
@@ -158,34 +159,48 @@ class PrepareConfig:
         }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _doc(name: str) -> str:
+    """A field's documentation (config dataclass) as the flag's help, without its leading flag name."""
+    return re.sub(r"^--[\w-]+(?: \(\w+\))?: ", "", cli.field_docs(PrepareConfig)[name]).replace("%", "%%")
+
+
+def build_parser() -> cli.Parser:
+    """The flags, documented by ``PrepareConfig``'s fields (the one CLI mechanism: ``deepfm_dist/cli.py``)."""
     d = PrepareConfig(inputs=["-"], output="-")
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="prepare-criteo",
         description="Convert Criteo TSV (Kaggle train.txt, Terabyte day_N[.gz]) to Parquet. See data/CRITEO.md.",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="TSV files or quoted globs, plain or .gz")
-    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--split", choices=SPLITS, default=d.split, help="how rows are split (default: %(default)s)")
-    p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction, metavar="F", help="kaggle: share of lines for val (default 1/14)")
-    p.add_argument("--test-fraction", type=_fraction, default=d.test_fraction, metavar="F", help="kaggle: share of lines for test, the last ones (default 1/14)")
-    p.add_argument("--layout", choices=LAYOUTS, default=d.layout, help="labelled: 40 fields; unlabelled: 39 (test files); auto: detect")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help=_doc("inputs"))
+    p.add_argument("--output", required=True, metavar="DIR", help=_doc("output"))
+    p.add_argument("--split", choices=SPLITS, default=d.split, help=_doc("split") + f" (default: {d.split})")
+    p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction, metavar="F", help=_doc("val_fraction") + f" (default: {d.val_fraction})")
+    p.add_argument("--test-fraction", type=_fraction, default=d.test_fraction, metavar="F", help=_doc("test_fraction") + f" (default: {d.test_fraction})")
+    p.add_argument("--layout", choices=LAYOUTS, default=d.layout, help=_doc("layout") + f" (default: {d.layout})")
     p.add_argument("--no-label", dest="layout", action="store_const", const="unlabelled", help="same as --layout unlabelled")
-    p.add_argument("--on-bad-line", choices=BAD_LINE_POLICIES, default=d.on_bad_line, help="default: %(default)s")
-    p.add_argument("--workers", type=int, default=d.workers, help="parallel processes (default: usable cores, %(default)s)")
-    p.add_argument("--chunk-mb", type=float, default=d.chunk_mb, help="MB of TSV per chunk / output file (default %(default)s)")
-    p.add_argument("--row-group-rows", type=int, default=d.row_group_rows, help="rows per Parquet row group (default %(default)s)")
-    p.add_argument("--compression", choices=COMPRESSIONS, default=d.compression)
-    p.add_argument("--vocab-threshold", type=int, default=d.vocab_threshold, metavar="T", help="build vocab/: ids for values seen >= T times in train (0: off)")
-    p.add_argument("--vocab-partitions", type=int, default=d.vocab_partitions, metavar="P", help="count each column in P passes (memory / P)")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier conversion in --output first")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--on-bad-line", choices=BAD_LINE_POLICIES, default=d.on_bad_line, help=_doc("on_bad_line") + f" (default: {d.on_bad_line})")
+    p.add_argument("--workers", type=int, default=d.workers, help=_doc("workers") + f" (default: {d.workers})")
+    p.add_argument("--chunk-mb", type=float, default=d.chunk_mb, help=_doc("chunk_mb") + f" (default: {d.chunk_mb})")
+    p.add_argument("--row-group-rows", type=int, default=d.row_group_rows, help=_doc("row_group_rows") + f" (default: {d.row_group_rows})")
+    p.add_argument("--compression", choices=COMPRESSIONS, default=d.compression, help=_doc("compression") + f" (default: {d.compression})")
+    p.add_argument("--vocab-threshold", type=int, default=d.vocab_threshold, metavar="T", help=_doc("vocab_threshold") + f" (default: {d.vocab_threshold})")
+    p.add_argument("--vocab-partitions", type=int, default=d.vocab_partitions, metavar="P", help=_doc("vocab_partitions") + f" (default: {d.vocab_partitions})")
+    p.add_argument("--overwrite", action="store_true", help=_doc("overwrite"))
+    p.add_argument("--quiet", action="store_true", help=_doc("progress"))
     p.add_argument("--block-mb", type=float, default=d.block_mb, help=argparse.SUPPRESS)
     return p
 
 
 def config_from_args(argv: Sequence[str] | None) -> PrepareConfig:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return _config(a)
+    except PrepareError as e:  # a bad flag value: one line, exit status 2, like every console script
+        parser.error(str(e))
+
+
+def _config(a) -> PrepareConfig:
     return PrepareConfig(
         inputs=a.input,
         output=a.output,
