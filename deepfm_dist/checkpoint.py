@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -269,6 +270,22 @@ def prune(root: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def _on_default_group(state: Any) -> Any:
+    """``state`` with every ShardedTensor that lives on another process group re-created on the
+    default group, over the same local shard tensors (loading into it writes the model's).
+
+    Only the opt-in ``sharding.shm_all_to_all`` makes such tensors: torch's sharded tensors ask
+    their group's backend name to learn the device of a rank that holds no shard, and answer
+    CUDA for a name they do not know. On the default path every sharded tensor is already on the
+    default group and ``state`` comes back as it is."""
+    if isinstance(state, dict):
+        return {k: _on_default_group(v) for k, v in state.items()}
+    if isinstance(state, ShardedTensor) and state._process_group is not dist.group.WORLD:
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            state.local_shards(), state.metadata(), process_group=dist.group.WORLD)
+    return state
+
+
 def load(path: str, *, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
     """Load a checkpoint into the (already sharded) model and optimizer, in place. Collective.
 
@@ -279,9 +296,9 @@ def load(path: str, *, model: torch.nn.Module, optimizer: Any | None) -> dict[st
     meta = read_meta(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    payload: dict[str, Any] = {"model": model.state_dict()}
+    payload: dict[str, Any] = {"model": _on_default_group(model.state_dict())}
     if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
+        payload["optimizer"] = _on_default_group(optimizer.state_dict())
     same_world = meta.get("world_size") == world
     if same_world:
         payload[_rank_key(rank)] = rng_state()
@@ -353,12 +370,6 @@ class Checkpointer:
         if path is None:
             self.log(f"resume: no complete checkpoint in {self.cfg.checkpoint_dir}; starting fresh")
             return start, None
-        if self.cfg.sharding.shm_all_to_all:
-            raise ValueError(
-                f"cannot resume from {path} with sharding.shm_all_to_all=true: torch's sharded tensors "
-                f"do not know that process group by name and fail to load a checkpoint on a rank that holds "
-                f"no shard of a table. Resume with sharding.shm_all_to_all=false (the checkpoint is the same)."
-            )
         # The dense optimizer's state is created lazily; make it so DCP can load into it.
         self.opts.dense.init_state()
         meta = load(path, model=self.model, optimizer=self.opts.combined)

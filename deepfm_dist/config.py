@@ -226,8 +226,8 @@ class ShardingConfig:
     shm_all_to_all: bool = False
     """Opt-in, off by default: also the embedding all-to-alls through shared memory. DMP is then
     handed a process group of our own (backend ``deepfm_shm``, distributed/shm.py) in place of
-    gloo, which torch and TorchRec do not know by name; use it for throughput runs, not for jobs
-    whose checkpoints matter. Needs shared memory (``intra_node_comm`` auto or shm)."""
+    gloo, which torch and TorchRec do not know by name (checkpoints load through views of the
+    sharded tensors on the default group). Needs shared memory (``intra_node_comm`` auto or shm)."""
     shm_fused_pooled: bool = True
     """With ``shm_all_to_all``: the pooled-embedding all-to-all (table- and column-wise sharding)
     moves the rows straight between the lookup output, shared memory and the MLP's input

@@ -175,6 +175,21 @@ def test_resume_equals_straight_run(data, straight, tmp_path):
     assert_same_weights(straight / "checkpoints", run / "checkpoints")
 
 
+def test_opt_in_shared_memory_all_to_alls_resume_equals_straight_run(data, straight, tmp_path):
+    """The opt-in transport (sharding.shm_all_to_all) hands DMP a process group torch does not
+    know by name; its checkpoints still load, and it computes what the default computes."""
+    run = tmp_path / "opt_in"
+    opt_in = ("--sharding.shm_all_to_all=true", f"--checkpoint.every_steps={STEPS // 2}")
+    rc, text = run_train(data, run, f"--train.max_steps={STEPS // 2}", *opt_in)
+    assert rc == 0, text[-5000:]
+    rc, text = run_train(data, run, f"--train.max_steps={STEPS}", "--resume", *opt_in)
+    assert rc == 0, text[-5000:]
+    assert "shared memory for all-to-alls" in text or "using gloo" in text, text[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_000000020'}" in text
+    assert summary(run)["last_loss"] == summary(straight)["last_loss"]
+    assert_same_weights(straight / "checkpoints", run / "checkpoints")
+
+
 def test_kill_one_rank_restarts_and_matches(data, straight, tmp_path):
     run = tmp_path / "killed"
     j = Journey()

@@ -2,7 +2,7 @@
 
 The sharded model, DCP and the sharded tensors keep the stock process group (gloo on CPU, NCCL
 on GPU): torch and TorchRec decide devices and code paths by the group's backend name, and a
-group of our own breaks them (a rank holding no shard of a table cannot load a checkpoint).
+group of our own breaks them (on a rank holding no shard of a table, a sharded tensor picks CUDA).
 What shared memory still speeds up by default is the dense part's gradient all-reduce, through
 the extension point DDP offers for it: ``register_comm_hook``, registered by a TorchRec
 ``DataParallelWrapper`` when DMP wraps the dense part in DDP.
