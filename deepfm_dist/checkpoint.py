@@ -186,7 +186,8 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -286,12 +287,21 @@ def _on_default_group(state: Any) -> Any:
     return state
 
 
-def load(path: str, *, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
+def _saved_rng(path: str, rank: int) -> dict[str, torch.Tensor]:
+    """This process's RNG states that the checkpoint also holds for ``rank``: a CPU run saves no
+    CUDA state, and DCP refuses to load a key the checkpoint lacks."""
+    saved = read_dcp_metadata(path).state_dict_metadata
+    return {k: v for k, v in rng_state().items() if f"{_rank_key(rank)}.{k}" in saved}
+
+
+def load(path: str, *, model: torch.nn.Module, optimizer: Any | None, rng: bool = True) -> dict[str, Any]:
     """Load a checkpoint into the (already sharded) model and optimizer, in place. Collective.
 
     Works across world sizes and sharding plans: DCP reads, for each local shard, the parts of
-    the saved shards that overlap it. RNG states are restored only when the world size matches
-    (a different world has different streams anyway). Returns the checkpoint's meta.json.
+    the saved shards that overlap it. RNG states (``rng``; prediction needs none) are restored
+    only when the world size matches (a different world has different streams anyway), and only
+    those the checkpoint holds (a CPU-written checkpoint resumed on a GPU has no CUDA state).
+    Returns the checkpoint's meta.json.
     """
     meta = read_meta(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -299,14 +309,14 @@ def load(path: str, *, model: torch.nn.Module, optimizer: Any | None) -> dict[st
     payload: dict[str, Any] = {"model": _on_default_group(model.state_dict())}
     if optimizer is not None:
         payload["optimizer"] = _on_default_group(optimizer.state_dict())
-    same_world = meta.get("world_size") == world
-    if same_world:
-        payload[_rank_key(rank)] = rng_state()
+    restore_rng = rng and meta.get("world_size") == world
+    if restore_rng:
+        payload[_rank_key(rank)] = _saved_rng(path, rank)
     dcp_load(payload, path)
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    if same_world:
+    if restore_rng:
         set_rng_state(payload[_rank_key(rank)])
     return meta
 
@@ -373,6 +383,9 @@ class Checkpointer:
         # The dense optimizer's state is created lazily; make it so DCP can load into it.
         self.opts.dense.init_state()
         meta = load(path, model=self.model, optimizer=self.opts.combined)
+        # FBGEMM keeps the fused optimizers' step (Adam's bias correction) in its own buffer,
+        # outside the state DCP saves: restore it, or it restarts at 1 after every resume.
+        self.opts.fused.set_optimizer_step(meta["step"])
         step_in_epoch, epoch, loader_state = meta["step_in_epoch"], meta["epoch"], None
         if meta["world_size"] == self.env.world_size:
             loader_state = meta["loader_states"][self.env.rank]

@@ -192,7 +192,7 @@ def build_sharded(source: ModelSource, env):
     from deepfm_dist.step import build_model
 
     model, _ = shard_model(build_model(source.cfg), source.cfg, env)
-    ckpt.load(source.path, model=model, optimizer=None)
+    ckpt.load(source.path, model=model, optimizer=None, rng=False)
     return model
 
 

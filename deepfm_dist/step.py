@@ -28,7 +28,15 @@ def autocast(device: torch.device, precision: str):
 
 def check_precision(precision: str, device_type: str) -> None:
     """Fail at start-up when bf16 would be emulated: on a CPU without native bf16 (AVX512-BF16
-    or AMX) oneDNN's bf16 matmuls are slower than fp32, so asking for them is a mistake."""
+    or AMX) oneDNN's bf16 matmuls are slower than fp32, and a GPU before Ampere (sm_80) has no
+    bf16 tensor cores (``torch.cuda.is_bf16_supported()`` still says True there), so asking for
+    them is a mistake."""
+    if precision == "bf16" and device_type == "cuda" and torch.cuda.get_device_capability() < (8, 0):
+        major, minor = torch.cuda.get_device_capability()
+        raise ValueError(
+            f"train.precision='bf16' needs a GPU with native bf16 (Ampere, sm_80, or newer); this one is "
+            f"sm_{major}{minor} ({torch.cuda.get_device_name()}), where bf16 is emulated: use train.precision=fp32"
+        )
     if precision == "bf16" and device_type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError(
             "train.precision='bf16' needs a CPU with native bf16 (AVX512-BF16 or AMX) for oneDNN; "
