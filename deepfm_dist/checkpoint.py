@@ -114,12 +114,26 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class SafeFileSystemReader(FileSystemReader):
     """DCP's file reader with ``.metadata`` read by an unpickler that admits only DCP's metadata
-    classes (``StorageReader.read_metadata`` is DCP's extension point for this)."""
+    classes (``StorageReader.read_metadata`` is DCP's extension point for this). ``metadata``:
+    the index already read that way, served instead of reading the file again."""
+
+    def __init__(self, path: str, metadata: Metadata | None = None):
+        super().__init__(path)
+        self._metadata = metadata
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         rank = kwargs.get("rank")
-        name = ".metadata" if rank is None else f"__{rank}.metadata"
-        path = os.path.join(str(self.path), name)
+        if rank is None and self._metadata is not None:
+            metadata = self._metadata
+        else:
+            metadata = self._unpickle(os.path.join(str(self.path), ".metadata" if rank is None else f"__{rank}.metadata"))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    @staticmethod
+    def _unpickle(path: str) -> Metadata:
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f, path).load()
@@ -129,9 +143,6 @@ class SafeFileSystemReader(FileSystemReader):
             raise ValueError(f"{path}: not a readable checkpoint index ({type(e).__name__}: {e})") from None
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP's Metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
@@ -164,12 +175,15 @@ def read_dcp_metadata(path: str) -> Metadata:
     return SafeFileSystemReader(path).read_metadata()
 
 
-def dcp_load(payload: dict[str, Any], path: str) -> None:
+def dcp_load(payload: dict[str, Any], path: str, metadata: Metadata | None = None) -> None:
     """``dcp.load`` of ``path`` into ``payload`` in place, unpickling only data (see the module
-    docstring). Collective when a process group is initialised."""
-    read_dcp_metadata(path)  # our error, naming the file; DCP would wrap it in an AssertionError
+    docstring). ``metadata``: the index if the caller has read it (``read_dcp_metadata``).
+    Collective when a process group is initialised."""
+    # Read before DCP does: our error names the file, DCP would wrap it in an AssertionError.
+    if metadata is None:
+        metadata = read_dcp_metadata(path)
     try:
-        dcp.load(payload, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path))
+        dcp.load(payload, storage_reader=SafeFileSystemReader(path, metadata), planner=SafeLoadPlanner(path))
     except CheckpointException as e:  # DCP gathers each rank's exception: ours, if any, says it best
         failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]  # (exception, trace)
         unsafe = [f for f in failures if isinstance(f, UnsafeCheckpointError)]
@@ -287,10 +301,10 @@ def _on_default_group(state: Any) -> Any:
     return state
 
 
-def _saved_rng(path: str, rank: int) -> dict[str, torch.Tensor]:
-    """This process's RNG states that the checkpoint also holds for ``rank``: a CPU run saves no
-    CUDA state, and DCP refuses to load a key the checkpoint lacks."""
-    saved = read_dcp_metadata(path).state_dict_metadata
+def _saved_rng(metadata: Metadata, rank: int) -> dict[str, torch.Tensor]:
+    """This process's RNG states that the checkpoint (its DCP index) also holds for ``rank``: a
+    CPU run saves no CUDA state, and DCP refuses to load a key the checkpoint lacks."""
+    saved = metadata.state_dict_metadata
     return {k: v for k, v in rng_state().items() if f"{_rank_key(rank)}.{k}" in saved}
 
 
@@ -304,6 +318,7 @@ def load(path: str, *, model: torch.nn.Module, optimizer: Any | None, rng: bool 
     Returns the checkpoint's meta.json.
     """
     meta = read_meta(path)
+    index = read_dcp_metadata(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     payload: dict[str, Any] = {"model": _on_default_group(model.state_dict())}
@@ -311,8 +326,8 @@ def load(path: str, *, model: torch.nn.Module, optimizer: Any | None, rng: bool 
         payload["optimizer"] = _on_default_group(optimizer.state_dict())
     restore_rng = rng and meta.get("world_size") == world
     if restore_rng:
-        payload[_rank_key(rank)] = _saved_rng(path, rank)
-    dcp_load(payload, path)
+        payload[_rank_key(rank)] = _saved_rng(index, rank)
+    dcp_load(payload, path, index)
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])

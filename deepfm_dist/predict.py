@@ -220,11 +220,12 @@ def check_out_apart_from_inputs(out: str, data_specs: list[str], files: list[str
     inputs += [f for f in files if _is_local(f)]
     for path in inputs:
         real = os.path.realpath(path.rstrip("/") or "/")
+        common = os.path.commonpath([real, out_real])
         if real == out_real:
             why = "is"
-        elif os.path.commonpath([real, out_real]) == real and os.path.isdir(real):
+        elif common == real and os.path.isdir(real):
             why = "lies inside"
-        elif os.path.commonpath([real, out_real]) == out_real:
+        elif common == out_real:
             why = "contains"
         else:
             continue
@@ -404,7 +405,8 @@ def run(setup: Setup) -> dict:
     # GPU alike, whatever optimizer trained the tables); fp32 comms keep the scores exact.
     cfg.optimizer.embedding = "sgd"
     cfg.sharding.comm_precision = "fp32"
-    # The stock process group: the opt-in shared-memory group cannot load checkpoints.
+    # The stock transport: the opt-in shared-memory all-to-alls patch TorchRec for training
+    # throughput, which scoring does not need.
     cfg.sharding.shm_all_to_all = False
     quiet_library_noise()
     env = init_distributed(args.device)

@@ -39,10 +39,6 @@ class ShmAllReduceState:
     def __init__(self, segments: shm.SharedSegments, group: dist.ProcessGroup):
         self.segments, self.group = segments, group
         self.world = dist.get_world_size(group)
-        self.buckets_shm = 0
-        """Buckets reduced through shared memory (for logs and tests)."""
-        self.buckets_fallback = 0
-        """Buckets too large for the segments, reduced by ``group``."""
 
     @classmethod
     def create(cls, capacity_mb: float, group: dist.ProcessGroup | None = None,
@@ -55,9 +51,6 @@ class ShmAllReduceState:
                                       int(capacity_mb * 2**20), timeout)
         return cls(segments, group)
 
-    def release(self) -> None:
-        self.segments.release()
-
 
 def shm_allreduce_hook(state: ShmAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the bucket's mean over ranks, through shared memory."""
@@ -66,11 +59,9 @@ def shm_allreduce_hook(state: ShmAllReduceState, bucket: dist.GradBucket) -> tor
     if shm.allreduce_sum_(state.segments, tensor):
         global buckets_reduced
         buckets_reduced += 1
-        state.buckets_shm += 1
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         fut.set_result(tensor)
         return fut
-    state.buckets_fallback += 1
     work = dist.all_reduce(tensor, group=state.group, async_op=True)
     return work.get_future().then(lambda f: f.value()[0])
 
@@ -82,11 +73,9 @@ class DeepFMDataParallelWrapper(DefaultDataParallelWrapper):
     def __init__(self, hook_state: "ShmAllReduceState | None" = None):
         super().__init__()
         self.hook_state = hook_state
-        self.hooked = False
 
     def wrap(self, dmp, env, device: torch.device) -> None:
         super().wrap(dmp, env, device)
         ddp = dmp._dmp_wrapped_module  # what DataParallelWrapper.wrap is for: DMP's dense wrapper
         if self.hook_state is not None and isinstance(ddp, DistributedDataParallel):
             ddp.register_comm_hook(self.hook_state, shm_allreduce_hook)
-            self.hooked = True
