@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = report.StepClock(device, args.warmup)
     for i in range(args.warmup + args.steps):
         opt.zero_grad()
-        with autocast(device, cfg.train.precision):  # as Trainer.train_step
+        with autocast(device, cfg.train.precision):  # as step.Stepper: the forward only
             logits = tower(inputs[i % 4], vectors)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[i % 4])
         loss.backward()

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                       peer_wait_ms_per_step=timer.peer_wait.ms_per_step(timer.clock.measured_steps))
         per_rank = report.gather_ranks(numbers)
         threads, placements, num_rows = trainer.threads, trainer.placements, trainer.train_reader.num_rows
+        workers = trainer.train_reader.num_workers
         # The sharded model holds the process group: drop it before destroy() (see trainer.train).
         del trainer
         gc.collect()
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("model", config_line(cfg)),
                 ("run", run_line(env, cfg, threads, args.warmup, args.steps)),
                 ("data", f"{len(train_files)} Parquet files, {num_rows:,} rows "
-                         f"({', '.join(cfg.data.train)}); workers {cfg.data.num_workers}, prefetch "
+                         f"({', '.join(cfg.data.train)}); workers {workers}, prefetch "
                          f"{cfg.data.prefetch}, shuffle {cfg.data.shuffle}"),
                 ("sharding", sharding_line(cfg, placements)),
             ]

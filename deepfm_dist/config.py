@@ -79,10 +79,13 @@ class DataConfig:
     shuffle_buffer: int = 131_072
     """Rows shuffled together in memory (rounded up to whole batches; 0: only the row-group
     order is shuffled). Costs about 270 bytes per row with the Criteo columns (~35 MB)."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0: read in the training process). Default 0: on
-    CPU the ranks already use every core and one loader process reads over 1M rows/s, far
-    more than a CPU step consumes; use 1-4 per GPU rank, where steps are much faster."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank; 0 reads in the training process; -1 (auto): 0 on
+    CPU, where the ranks already use every core and one loader process reads far more rows
+    per second than a CPU step consumes, and up to 4 per GPU rank (within its share of the
+    node's cores), so that Parquet decoding is never on the thread that launches the GPU's
+    work. The batch order depends on the count: a mid-epoch resume under auto keeps the count
+    the checkpoint was written with (a CPU-written checkpoint resumes on a GPU)."""
     prefetch: int = 2
     """Row groups read ahead by a background thread in each loader process (0: read when
     needed). Memory per loader process: about (prefetch + 1) row groups plus the shuffle buffer."""
@@ -114,7 +117,7 @@ class DataConfig:
         dup = sorted({c for c in cols if cols.count(c) > 1})
         _require(not dup, "data.dense/data.sparse/data.weighted", dup, "each column named once (duplicates found)")
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 0 (rows)")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        _require(self.num_workers >= -1, "data.num_workers", self.num_workers, "an integer >= 0, or -1 (auto)")
         _require(self.prefetch >= 0, "data.prefetch", self.prefetch, "an integer >= 0 (row groups)")
         _require(self.dense_transform in DENSE_TRANSFORMS, "data.dense_transform", self.dense_transform,
                  f"one of {', '.join(DENSE_TRANSFORMS)}")

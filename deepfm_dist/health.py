@@ -1,8 +1,11 @@
 """Stop requests and health checks, agreed over the ranks at the loop's sync points.
 
 - A stop signal (SIGTERM / SIGUSR1: Slurm's warning before a time limit or a preemption, or the
-  launcher passing on a user's ``kill``) only sets a flag; the ranks agree on it at the next
-  sync point, checkpoint there and return, so a requeued job resumes from that step.
+  launcher passing on a user's ``kill``) only sets a flag. Every step each rank votes its flag
+  in a one-element all-reduce that runs in the background while the next step computes
+  (``StopVote``); all ranks read the same result one step later, checkpoint at that step and
+  return, so a requeued job resumes from there. Waiting for the next log step instead could
+  take longer than the grace period, and a rank cannot sync alone: its peers would not join.
 - A non-finite loss on any rank stops every rank, naming the first such step, before any
   checkpoint could include it.
 - Row groups skipped under ``data.skip_bad_row_groups`` are totalled over the ranks and
@@ -45,6 +48,40 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+class StopVote:
+    """Agreement over the ranks on a stop, every step, without a host-blocking collective.
+
+    ``poll()`` at every training step returns whether the ranks agreed to stop now: it reads the
+    OR over ranks of the flags voted one poll earlier (that all-reduce ran during this step),
+    then votes this rank's flag for the next poll. Every rank polls at the same steps, so every
+    rank reads the same answer at the same step. The votes go over their own gloo group on CPU
+    tensors: they never wait for a device stream, nor queue behind the model's collectives."""
+
+    def __init__(self, env: DistEnv, stop: StopSignal):
+        self.stop = stop
+        # collective: every rank creates it at the same point of the set-up
+        self.group = dist.new_group(backend="gloo") if env.world_size > 1 else None
+        self.vote = torch.zeros(1, dtype=torch.int32)
+        self.work = None
+
+    def poll(self) -> bool:
+        if self.group is None:
+            return self.stop.received is not None
+        agreed = False
+        if self.work is not None:
+            self.work.wait()
+            agreed = bool(self.vote.item() > 0)
+        self.vote = torch.tensor([int(self.stop.received is not None)], dtype=torch.int32)
+        self.work = dist.all_reduce(self.vote, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the last vote (every rank has one outstanding) before the group goes."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
 @dataclass
 class Agreed:
     """What every rank agreed on at a sync point."""
@@ -53,19 +90,25 @@ class Agreed:
     """Mean over ranks of the newest step's loss."""
     save: bool
     """Some rank asked for a timed checkpoint."""
-    stop: bool
-    """Some rank received a stop signal."""
 
 
 class HealthCheck:
     """Collects each step's loss (a device tensor) and, at a sync point, agrees with the other
-    ranks on the loss, a timed save, a stop request, and the skipped-row-group count."""
+    ranks on the loss, a timed save and the skipped-row-group count; ``stop_agreed`` every step."""
 
     def __init__(self, env: DistEnv, metrics: MetricsLogger, readers: tuple, checkpoint_dir: str):
         self.env, self.metrics, self.readers, self.checkpoint_dir = env, metrics, readers, checkpoint_dir
         self.stop = StopSignal()
+        self.votes = StopVote(env, self.stop)
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.skip_events_seen = 0
+
+    def stop_agreed(self) -> bool:
+        """Every step: whether the ranks agreed to stop (a signal reached some rank)."""
+        return self.votes.poll()
+
+    def close(self) -> None:
+        self.votes.close()
 
     def record(self, step: int, loss: torch.Tensor) -> None:
         self.pending.append((step, loss))
@@ -78,7 +121,7 @@ class HealthCheck:
         first_bad = self.pending[int(bad.nonzero()[0])][0] if bool(bad.any()) else -1
         step = self.pending[-1][0]
         stats = torch.tensor(
-            [float(losses[-1]) if first_bad < 0 else 0.0, float(want_save), float(self.stop.received is not None),
+            [float(losses[-1]) if first_bad < 0 else 0.0, float(want_save),
              float(first_bad >= 0), float(-first_bad if first_bad >= 0 else -1e18),
              float(len(self.readers[0].skipped))],
             dtype=torch.float64, device=self.env.device,
@@ -87,20 +130,20 @@ class HealthCheck:
         if self.env.world_size > 1:
             summed = stats.clone()
             dist.all_reduce(summed)
-            worst = stats[4:5].clone()
+            worst = stats[3:4].clone()
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-            stats = torch.cat([summed[:4], worst, summed[5:]])
-        if stats[3] > 0:
+            stats = torch.cat([summed[:3], worst, summed[4:]])
+        if stats[2] > 0:
             latest = ckpt.latest(self.checkpoint_dir)
             raise FloatingPointError(
-                f"non-finite training loss at step {int(-stats[4])}: stopping. "
+                f"non-finite training loss at step {int(-stats[3])}: stopping. "
                 + (f"The last good checkpoint is {latest}." if latest else "No checkpoint was written.")
                 + " Lower optimizer.embedding_lr / optimizer.dense_lr, or set train.grad_clip."
             )
-        if int(stats[5]) != self.skip_events_seen:  # every rank sees the same sum: all gather together
-            self.skip_events_seen = int(stats[5])
+        if int(stats[4]) != self.skip_events_seen:  # every rank sees the same sum: all gather together
+            self.skip_events_seen = int(stats[4])
             self.report_skipped(step)
-        return Agreed(float(stats[0]) / self.env.world_size, bool(stats[1] > 0), bool(stats[2] > 0))
+        return Agreed(float(stats[0]) / self.env.world_size, bool(stats[1] > 0))
 
     def gather_skipped(self) -> dict:
         """Bad row groups skipped so far (``data.skip_bad_row_groups``) over every rank and every

@@ -357,6 +357,7 @@ def prepare(args: PredictOptions) -> Setup:
     """Checks the command line, the model and the data (footers only); builds the loader and,
     for an exported model, the model. Raises InputError naming the flag, file or column."""
     from deepfm_dist.data import ParquetLoader, resolve_parquet_paths
+    from deepfm_dist.data.loader import auto_num_workers
     from deepfm_dist.data.schema import MissingColumnError
     from deepfm_dist.distributed.env import pick_device
 
@@ -378,6 +379,9 @@ def prepare(args: PredictOptions) -> Setup:
             files, cfg.data, batch_size=batch_size, rank=rank, world_size=world, train=False,
             seed=cfg.train.seed, pin_memory=device.type == "cuda",
             labels=None if args.label == "auto" else False, passthrough=id_columns,
+            # auto: one reader process on a GPU, so the parts keep the input's row order
+            num_workers=auto_num_workers(cfg.data.num_workers, device.type,
+                                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")), most=1),
         )
     except MissingColumnError as e:
         if e.kind == "pass-through":

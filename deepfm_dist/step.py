@@ -44,11 +44,12 @@ def check_precision(precision: str, device_type: str) -> None:
         )
 
 
-def train_step(model: nn.Module, optimizer, batch: Batch) -> torch.Tensor:
-    """Forward, backward and optimizer step on one batch already on the model's device; returns
+def train_step(forward, optimizer, batch: Batch) -> torch.Tensor:
+    """Forward (``forward(batch) -> (loss, output)``: the model, or ``Stepper.forward`` with
+    autocast), backward and optimizer step on one batch already on the model's device; returns
     the detached local loss (a device tensor: no host sync)."""
     optimizer.zero_grad()
-    loss, _ = model(batch)
+    loss, _ = forward(batch)
     loss.backward()
     optimizer.step()
     return loss.detach()
@@ -57,19 +58,28 @@ def train_step(model: nn.Module, optimizer, batch: Batch) -> torch.Tensor:
 class Stepper:
     """Steps over a stream of batches: TorchRec's ``TrainPipelineSparseDist`` (the next batch's
     copy to the device and its embedding input all-to-all overlap this step), or ``train_step``
-    one batch at a time. ``next(batches)`` is the caller's; StopIteration ends the stream."""
+    one batch at a time. ``next(batches)`` is the caller's; StopIteration ends the stream.
+
+    bf16 autocast covers the forward only, as PyTorch's autocast guidance asks: backward runs
+    in the dtypes the forward chose, and the optimizers step fp32 weights outside it. The
+    pipeline takes the forward through its ``custom_model_fwd`` hook."""
 
     def __init__(self, model: nn.Module, optimizer, device: torch.device, precision: str, pipelined: bool):
         self.model, self.optimizer, self.device, self.precision = model, optimizer, device, precision
-        self.pipeline = (TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+        self.pipeline = (TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True,
+                                                 custom_model_fwd=self.forward)
                          if pipelined else None)
 
-    def __call__(self, batches: Iterator[Batch]) -> torch.Tensor:
+    def forward(self, batch: Batch):
+        """The model's forward, ``(loss, output)``, under the run's precision."""
         with autocast(self.device, self.precision):
-            if self.pipeline is not None:
-                loss, *_ = self.pipeline.progress(batches)
-                return loss
-            return train_step(self.model, self.optimizer, next(batches).to(self.device, non_blocking=True))
+            return self.model(batch)
+
+    def __call__(self, batches: Iterator[Batch]) -> torch.Tensor:
+        if self.pipeline is not None:
+            loss, *_ = self.pipeline.progress(batches)
+            return loss.detach()
+        return train_step(self.forward, self.optimizer, next(batches).to(self.device, non_blocking=True))
 
     def detach(self) -> None:
         """Back to the plain model (evaluation, the end of an epoch); ``__call__`` re-attaches."""

@@ -18,6 +18,7 @@ from typing import Callable
 from deepfm_dist import checkpoint as ckpt
 from deepfm_dist.config import Config
 from deepfm_dist.data import ParquetLoader, resolve_parquet_paths
+from deepfm_dist.data.loader import auto_num_workers
 from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, setup_cpu_rank
 from deepfm_dist.distributed.sharding import describe_plan, plan_report, save_plan, shard_model
 from deepfm_dist.evaluator import Evaluator
@@ -33,7 +34,8 @@ from deepfm_dist.step import Stepper, build_model, check_precision
 def make_reader(cfg: Config, env: DistEnv, files: list[str], *, train: bool) -> ParquetLoader:
     batch = cfg.train.batch_size if train else (cfg.train.val_batch_size or cfg.train.batch_size)
     return ParquetLoader(files, cfg.data, batch_size=batch, rank=env.rank, world_size=env.world_size, train=train,
-                         seed=cfg.train.seed, pin_memory=env.device.type == "cuda")
+                         seed=cfg.train.seed, pin_memory=env.device.type == "cuda",
+                         num_workers=auto_num_workers(cfg.data.num_workers, env.device.type, env.local_world_size))
 
 
 def find_oracle(val_specs: list[str]) -> dict | None:
@@ -99,7 +101,8 @@ class Trainer:
                  + (f" threads/rank={self.threads}" if self.threads else "") + (" pinned to own cores" if self.cores else ""))
         self.log(f"data: train {self.train_reader.num_rows:,} rows in {len(train_files)} files "
                  f"({len(self.train_reader)} steps/epoch of {cfg.train.batch_size} x {env.world_size}), "
-                 f"val {self.val_reader.num_rows:,} rows in {len(val_files)} files")
+                 f"val {self.val_reader.num_rows:,} rows in {len(val_files)} files; "
+                 f"loader workers/rank={self.train_reader.num_workers}")
         self.model, plan = shard_model(build_model(cfg), cfg, env)
         self.opts = build_optimizers(self.model, cfg.optimizer, cfg.train.grad_clip)
         self.placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
@@ -126,7 +129,9 @@ class Trainer:
     def run(self) -> dict:
         with self.health.stop:
             try:
-                return self.train()
+                summary = self.train()
+                self.health.close()
+                return summary
             finally:
                 self.metrics.close()
 
@@ -149,15 +154,16 @@ class Trainer:
                 except StopIteration:
                     break
                 step = state.step
+                if self.health.stop_agreed():
+                    stopped = True
+                    self.log(f"stop signal received: checkpointing at step {step} and exiting")
+                    break
                 log, evaluate, save = self.metrics.due(step), self.evaluator.due(step), self.checkpointer.due(step)
                 if not (log or evaluate or save):
                     continue
                 # -- agree over ranks on the loss, a stop and a timed save. note: a host sync point
                 agreed = self.health.sync(self.checkpointer.timed_due())
-                self.last_loss, stopped = agreed.loss, agreed.stop
-                if stopped:
-                    self.log(f"stop signal received: checkpointing at step {step} and exiting")
-                    break
+                self.last_loss = agreed.loss
                 if log:
                     lr = self.opts.dense.param_groups[0]["lr"]
                     self.metrics.train(step=step, epoch=state.epoch + 1, samples_per_step=self.global_batch,
@@ -182,6 +188,8 @@ class Trainer:
         """This epoch's batches from the step it continues at, and the tracker of positions."""
         self.train_reader.set_epoch(self.state.epoch)
         if loader_state is not None:
+            if self.cfg.data.num_workers < 0:  # auto: the order the checkpoint's count gave
+                self.train_reader.keep_saved_workers(loader_state)
             self.train_reader.load_state_dict(loader_state)
         tracked = ckpt.TrackedIterator(self.train_reader, self.state.step_in_epoch)
         remaining = min(self.steps_per_epoch - self.state.step_in_epoch, self.total_steps - self.state.step)
@@ -209,6 +217,8 @@ class Trainer:
                     else self.train_reader.state_dict())
         self.metrics.end_progress()
         if stopped:
+            if self.health.pending:  # the loss since the last sync point: finite on every rank?
+                self.last_loss = self.health.sync(False).loss
             self.checkpointer.save(state, position())
             return self.finish(stopped=True)
         if self.evaluator.last_step() != state.step:

@@ -8,6 +8,12 @@
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-33554432}"
 export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-4294967296}"
 
+# A torchrun agent that receives a stop signal itself (Slurm's --signal reaches every process of
+# the job step, the agent included) passes it to its ranks, then kills them after this many
+# seconds whatever they are doing. torch's default, 30 s, is shorter than writing a checkpoint of
+# large GPU tables; the ranks stop at their next step, so leave them most of Slurm's 300 s warning.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}"
+
 # default_nproc PYTHON CPU_RANKS: ranks for this node, one per visible GPU, else CPU_RANKS.
 default_nproc() {
   local ngpu
@@ -34,8 +40,8 @@ ensure_synthetic_data() {
 # run_agent CMD...: run a torchrun agent and pass SIGTERM / SIGUSR1 (Slurm's warning, a user's
 # `kill`) to its ranks instead of to the agent. The ranks agree on the stop at their next step,
 # write a checkpoint and exit 0, so the agent ends normally; an agent that receives the signal
-# itself raises, kills the ranks after its shutdown timeout (30 s) whatever they are writing,
-# and exits 1 with a traceback. Returns the agent's exit status and, after a signal, says in
+# itself raises, kills the ranks after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (above) whatever they are
+# writing, and exits 1 with a traceback. Returns the agent's exit status and, after a signal, says in
 # one line what happened.
 run_agent() {
   # Each failing rank appends its exception here (deepfm_dist/train.py: record_failure).

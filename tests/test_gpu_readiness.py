@@ -1,5 +1,6 @@
 """GPU-path defects that can be reproduced on CPU: a checkpoint's RNG keys, the fused
-optimizers' step counter after a resume, bf16 on GPUs that only emulate it."""
+optimizers' step counter after a resume, bf16 on GPUs that only emulate it, a stop agreed at
+every step, the time torchrun's agent leaves the ranks to checkpoint."""
 
 from __future__ import annotations
 
@@ -74,3 +75,63 @@ def test_bf16_refused_on_gpus_before_ampere(monkeypatch):
     check_precision("fp32", "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     check_precision("bf16", "cuda")
+
+
+def _stop_votes(signal_rank: int, signal_at: int) -> list:
+    """Two runs of polls on this rank: with a signal reaching only ``signal_rank`` before poll
+    ``signal_at``, then with none. Returns the poll at which each run agreed to stop."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from deepfm_dist.health import StopSignal, StopVote
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    env = DistEnv(rank, 2, rank, 2, torch.device("cpu"), "gloo")
+    agreed = []
+    for signal_here in (rank == signal_rank, False):
+        stop = StopSignal()
+        votes = StopVote(env, stop)
+        at = None
+        for poll in range(1, 12):
+            if signal_here and poll == signal_at:
+                stop.received = 15
+            if votes.poll():
+                at = poll
+                break
+            time.sleep(0.02 * (rank + 1) * (os.getpid() % 3 + 1))  # ranks out of step
+        votes.close()
+        agreed.append(at)
+    dist.destroy_process_group()
+    return agreed
+
+
+def test_ranks_agree_to_stop_at_the_same_step():
+    """A signal that reaches one rank stops every rank at the same step, the step after it
+    was voted, not at the next log step; without a signal no rank stops."""
+    from tests.distributed_helpers import launch
+
+    results = launch(_stop_votes, (1, 3))
+    assert results == {0: [4, None], 1: [4, None]}
+
+
+def test_the_launchers_give_the_ranks_time_to_checkpoint(monkeypatch):
+    """Slurm's warning reaches the torchrun agent too: it kills its ranks after
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which must leave time for a checkpoint and be the name
+    torch reads."""
+    import os
+    import subprocess
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    out = subprocess.run(["bash", "-c", "source launcher/common.sh && echo $TORCH_ELASTIC_SHUTDOWN_TIMEOUT"],
+                         cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+    timeout = int(out)
+    assert 120 <= timeout < 300  # inside slurm/train.sbatch's --signal=TERM@300
+    assert "--signal=TERM@300" in open(os.path.join(root, "slurm", "train.sbatch")).read()
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(timeout))
+    assert LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1).shutdown_timeout == timeout

@@ -206,6 +206,39 @@ def test_resume_continues_exactly(uneven, shuffle, workers):
         assert len(_epoch(resumed)) == total
 
 
+def test_auto_workers_and_a_resume_on_another_device(uneven, monkeypatch):
+    """data.num_workers auto: 0 on CPU, a few per GPU rank within its cores; a mid-epoch state
+    written on CPU (0 workers) continues in the same order where auto chose 2 (a GPU)."""
+    from deepfm_dist.config import DataConfig
+    from deepfm_dist.data.loader import GPU_WORKERS, auto_num_workers
+
+    assert DataConfig().num_workers == -1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert auto_num_workers(-1, "cpu", 8) == 0
+    assert auto_num_workers(-1, "cuda", 8) == min(GPU_WORKERS, 3)
+    assert auto_num_workers(-1, "cuda", 1) == GPU_WORKERS
+    assert auto_num_workers(-1, "cuda", 32) == 1  # never 0 on a GPU
+    assert auto_num_workers(-1, "cuda", 1, most=1) == 1
+    assert auto_num_workers(3, "cuda", 1) == 3 and auto_num_workers(0, "cuda", 1) == 0
+    paths, _ = uneven
+    cfg = _cfg(shuffle=True, shuffle_buffer=200)  # num_workers auto
+    assert _loader(paths, cfg).num_workers == 0  # no device given: CPU
+    full = _epoch(_loader(paths, cfg, batch_size=32, train=True, seed=3))
+    first = _loader(paths, cfg, batch_size=32, train=True, seed=3)
+    it = iter(first)
+    head = [_row_ids(next(it)) for _ in range(5)]
+    state = first.state_dict()
+    del it
+    gpu = _loader(paths, cfg, batch_size=32, train=True, seed=3, num_workers=2)
+    with pytest.raises(ValueError, match="num_workers=1 vs 2"):
+        gpu.load_state_dict(state)
+    gpu.keep_saved_workers(state)
+    gpu.load_state_dict(state)
+    assert gpu.num_workers == 1
+    for x, y in zip(head + _epoch(gpu), full, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_resume_positions_and_layout_checks(uneven):
     paths, n = uneven
     loader = _loader(paths, _cfg(shuffle=False), batch_size=64, train=True)

@@ -87,6 +87,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -611,6 +612,21 @@ def _identity(x: Any) -> Any:
 # --------------------------------------------------------------------------- the loader
 
 
+GPU_WORKERS = 4
+"""``data.num_workers`` auto on a GPU rank: enough readers to keep a fast step fed."""
+
+
+def auto_num_workers(requested: int, device_type: str, local_world_size: int = 1, most: int = GPU_WORKERS) -> int:
+    """``data.num_workers`` as run: ``requested`` if >= 0; auto (-1): 0 on CPU, else up to
+    ``most`` per rank, leaving one of the rank's share of this node's cores to the rank."""
+    if requested >= 0:
+        return requested
+    if device_type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(most, cores // max(1, local_world_size) - 1))
+
+
 class ParquetLoader:
     """Streams this rank's share of Parquet rows as fixed-size ``Batch``es (see the module
     docstring for the policies).
@@ -646,7 +662,7 @@ class ParquetLoader:
 
     def __init__(self, files: list[str], cfg: DataConfig, *, batch_size: int, rank: int,
                  world_size: int, train: bool, seed: int, pin_memory: bool = False,
-                 labels: bool | None = True, passthrough: Sequence[str] = ()):
+                 labels: bool | None = True, passthrough: Sequence[str] = (), num_workers: int | None = None):
         if not files:
             raise ValueError("ParquetLoader: files is empty, expected at least one Parquet file")
         if batch_size < 1:
@@ -658,7 +674,7 @@ class ParquetLoader:
             raise ValueError(f"ParquetLoader: passthrough must be distinct column names, got {passthrough}")
         self.files = list(files)
         self.train = train
-        self.num_workers = cfg.num_workers
+        self.num_workers = auto_num_workers(cfg.num_workers, "cpu") if num_workers is None else num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.feature_specs: list[FeatureSpec] = feature_specs(cfg)
         footers = _scan(self.files, cfg, labels, passthrough)
@@ -742,6 +758,14 @@ class ParquetLoader:
                     + " (resume at an epoch boundary, or keep these the same)"
                 )
         self._epoch, self._resume, self._consumed = epoch, min(batches, len(self)), 0
+
+    def keep_saved_workers(self, state: dict[str, Any]) -> None:
+        """Read with the worker count a mid-epoch ``state`` was saved with (``data.num_workers``
+        auto): the batch order depends on it, and the device that chose it may have changed."""
+        if int(state.get("batches", 0)) != int(state.get("num_batches", -1)):
+            saved = int(state.get("num_workers", 1))
+            if saved != max(1, self.num_workers):
+                self.num_workers = saved
 
     def __iter__(self) -> Iterator[Batch]:
         """This rank's batches of the current epoch (``set_epoch``), from the resume position
