@@ -135,3 +135,39 @@ def test_the_launchers_give_the_ranks_time_to_checkpoint(monkeypatch):
     assert "--signal=TERM@300" in open(os.path.join(root, "slurm", "train.sbatch")).read()
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(timeout))
     assert LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1).shutdown_timeout == timeout
+
+
+REQUIRED_CHECKS = {"environment", "default_run", "pipeline", "bf16", "comm_fp16", "comm_bf16", "adam_resume",
+                   "cpu_checkpoint_on_gpu", "predict_export", "throughput"}
+
+
+def test_gpu_check_dry_run_lists_and_verifies_every_check(tmp_path):
+    """What CI can run of the GPU acceptance script: the install step, every check listed with
+    its commands, every run's config valid; nothing started."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["./launcher/gpu_check.sh", "--dry-run", "--out", str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] is True and report["passed"] is True
+    checks = {r["check"]: r for r in report["checks"]}
+    assert set(checks) >= REQUIRED_CHECKS
+    assert all(r["status"] == "VERIFIED" for r in checks.values()), checks
+    assert all(r["commands"] for name, r in checks.items() if name != "environment")
+    assert "torch" in report["environment"]
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no run directory: nothing ran
+    assert "gpu_check: PASSED (dry run)" in done.stdout
+
+
+def test_gpu_check_dry_run_refuses_a_bad_run_config(tmp_path):
+    from benchmarks import gpu_check
+
+    ctx = gpu_check.Ctx(str(tmp_path), 1, dry_run=True)
+    check = gpu_check.Check("bad", "a run the config refuses",
+                            lambda ctx: [gpu_check.train(ctx, "bad", "--train.precision=fp8")],
+                            lambda ctx, o: ("", {}))
+    result = gpu_check.run_check(ctx, check)
+    assert result["status"] == "FAIL" and "train.precision" in result["detail"], result
