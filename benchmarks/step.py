@@ -28,7 +28,8 @@ from benchmarks.common import (
     add_common_args, config_line, distributed_summary, parse, run_line, sharding_line, synthetic_batches,
 )
 from deepfm_dist.distributed.env import destroy, init_distributed, setup_cpu_rank
-from deepfm_dist.distributed.sharding import describe_plan, plan_report, shard_model
+from deepfm_dist.distributed.planning import format_report
+from deepfm_dist.distributed.sharding import describe_plan, shard_model
 from deepfm_dist.model import table_name
 from deepfm_dist.model.build import table_names
 from deepfm_dist.optim import build_optimizers, lr_factor, set_learning_rates
@@ -99,7 +100,7 @@ def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int |
     """
     threads, _ = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)  # as the Trainer does
     rss_before_model = report.current_rss_mb()
-    model, plan = shard_model(build_model(cfg), cfg, env)
+    model, plan, plan_report = shard_model(build_model(cfg), cfg, env)
     opts = build_optimizers(model, cfg.optimizer, cfg.train.grad_clip)
     placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
     memory = memory_breakdown(model, opts)
@@ -135,7 +136,7 @@ def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int |
         if env.is_main:
             print(table)
     stepper.detach()
-    return report.gather_ranks(numbers), placements, threads
+    return report.gather_ranks(numbers), (placements, plan_report), threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     env = init_distributed(cfg.train.device)
     try:
-        per_rank, placements, threads = measure(args, cfg, env)
+        per_rank, (placements, plan_report), threads = measure(args, cfg, env)
         gc.collect()  # the model's last references: gloo joins its threads before destroy()
         if env.is_main:
             summary = distributed_summary(per_rank, cfg, threads)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("run", run_line(env, cfg, threads, args.warmup, args.steps) + f" on {DISTINCT_BATCHES} pre-built batches"),
                 ("sharding", sharding_line(cfg, placements)),
             ]
-            table = report.rank_table(per_rank, summary) + "\n\n" + plan_report(placements) + "\n\n" + mem_lines
+            table = report.rank_table(per_rank, summary) + "\n\n" + format_report(plan_report) + "\n\n" + mem_lines
             report.emit("step", env.world_size, summary=summary, per_rank=per_rank, setup=setup,
                         config=cfg.to_dict(), out=args.out, table=table)
     finally:

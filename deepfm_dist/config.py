@@ -31,6 +31,7 @@ CPU_EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 LR_DECAYS = ("none", "step", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
+HARDWARE_NAMES = ("auto", "a100-80g", "h100-80g", "h200-141g")  # distributed/planning.py: HARDWARE
 INTRA_NODE_COMMS = ("auto", "gloo", "shm")
 MAX_LR = 1e3
 """Largest learning rate accepted: far above any useful one, and far below fp32's range."""
@@ -211,7 +212,18 @@ class ShardingConfig:
     tables: dict[str, str] = field(default_factory=dict)
     """Per-column override of ``type``, e.g. ``{C1 = "row_wise"}``."""
     host_memory_gb: float = 0.0
-    """CPU ranks: host memory budget per rank for the planner (0: available RAM / local ranks)."""
+    """CPU ranks: host memory budget per rank for the planner (0: available RAM / local ranks);
+    the planner leaves 15% of it (and of each GPU's memory) for everything but the tables."""
+    hardware: str = "auto"
+    """GPU ranks: the planner's memory bandwidths and links (``deepfm-plan --hardware``): a100-80g,
+    h100-80g, h200-141g, or auto (recognised from the GPU's name; TorchRec's defaults for any
+    other GPU). Capacities are read from the device."""
+    allow_uvm_caching: bool = False
+    """GPU ranks: let the planner keep a table in host memory with a cache of its rows in HBM
+    (TorchRec's ``fused_uvm_caching`` kernel) when the tables outgrow the GPUs' memory. No
+    effect on CPU ranks."""
+    cache_load_factor: float = 0.2
+    """With ``allow_uvm_caching``: the fraction of a cached table's rows held in HBM."""
     comm_precision: str = "fp32"
     """Precision of the embedding all-to-all (TorchRec quantized comms): fp32, fp16 or bf16."""
     intra_node_comm: str = "auto"
@@ -244,6 +256,9 @@ class ShardingConfig:
         for name, kind in self.tables.items():
             _require(kind in allowed, f"sharding.tables.{name}", kind, f"one of {', '.join(allowed)}")
         _require(self.host_memory_gb >= 0, "sharding.host_memory_gb", self.host_memory_gb, "a float >= 0")
+        _require(self.hardware in HARDWARE_NAMES, "sharding.hardware", self.hardware, f"one of {', '.join(HARDWARE_NAMES)}")
+        _require(0 < self.cache_load_factor <= 1, "sharding.cache_load_factor", self.cache_load_factor,
+                 "a fraction in (0, 1]")
         _require(
             self.comm_precision in COMM_PRECISIONS,
             "sharding.comm_precision", self.comm_precision, f"one of {', '.join(COMM_PRECISIONS)}",
@@ -521,7 +536,23 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in ``deepfm_dist/configs`` (``--config NAME``)."""
+    folder = os.path.dirname(default_config_path())
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".toml"))
+
+
+def resolve_config_path(path: str) -> str:
+    """``--config``: a TOML file, or the name of a shipped preset (``criteo_1tb``)."""
+    if not os.path.exists(path) and os.sep not in path and not path.endswith(".toml"):
+        if path in preset_names():
+            return os.path.join(os.path.dirname(default_config_path()), f"{path}.toml")
+        raise ConfigError(f"--config={path!r}: no such file, nor a preset ({', '.join(preset_names())})")
+    return path
+
+
 def read_toml(path: str) -> dict[str, Any]:
+    path = resolve_config_path(path)
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

@@ -191,7 +191,7 @@ def build_sharded(source: ModelSource, env):
     from deepfm_dist.distributed.sharding import shard_model
     from deepfm_dist.step import build_model
 
-    model, _ = shard_model(build_model(source.cfg), source.cfg, env)
+    model, _, _ = shard_model(build_model(source.cfg), source.cfg, env)
     ckpt.load(source.path, model=model, optimizer=None, rng=False)
     return model
 

@@ -20,7 +20,8 @@ from deepfm_dist.config import Config
 from deepfm_dist.data import ParquetLoader, resolve_parquet_paths
 from deepfm_dist.data.loader import auto_num_workers
 from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, setup_cpu_rank
-from deepfm_dist.distributed.sharding import describe_plan, plan_report, save_plan, shard_model
+from deepfm_dist.distributed.planning import format_report
+from deepfm_dist.distributed.sharding import describe_plan, shard_model
 from deepfm_dist.evaluator import Evaluator
 from deepfm_dist.fsutil import write_json_atomic
 from deepfm_dist.health import HealthCheck
@@ -103,14 +104,14 @@ class Trainer:
                  f"({len(self.train_reader)} steps/epoch of {cfg.train.batch_size} x {env.world_size}), "
                  f"val {self.val_reader.num_rows:,} rows in {len(val_files)} files; "
                  f"loader workers/rank={self.train_reader.num_workers}")
-        self.model, plan = shard_model(build_model(cfg), cfg, env)
+        self.model, plan, plan_report = shard_model(build_model(cfg), cfg, env)
         self.opts = build_optimizers(self.model, cfg.optimizer, cfg.train.grad_clip)
         self.placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
         self.plan_path = os.path.join(cfg.run_dir, "plan.json")
         if env.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
-            save_plan(self.placements, self.plan_path)
-            self.log(plan_report(self.placements))
+            write_json_atomic(self.plan_path, plan_report.to_json(), indent=1)  # as deepfm-plan --json writes it
+            self.log(f"sharding plan ({plan_report.world_size} x {plan_report.device}):\n" + format_report(plan_report))
         self.global_batch = cfg.train.batch_size * env.world_size
         self.steps_per_epoch = len(self.train_reader)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs

@@ -155,9 +155,9 @@ def straight(data, tmp_path_factory) -> Path:
     assert rc == 0, text[-5000:]
     # The default run's plan and transport: every table table-wise, and each rank lacks some
     # table (the case a rank with no shard of a table must load).
-    plan = json.loads((run / "plan.json").read_text())
-    assert {p["sharding_type"] for p in plan} == {"table_wise"}, plan
-    held = {r: {p["table"] for p in plan if r in p["ranks"]} for r in (0, 1)}
+    plan = json.loads((run / "plan.json").read_text())["tables"]
+    assert {p["sharding"] for p in plan} == {"table_wise"}, plan
+    held = {r: {p["name"] for p in plan if r in p["ranks"]} for r in (0, 1)}
     assert all(len(held[r]) < len(plan) for r in (0, 1)), held
     assert "transport: gloo, dense gradient all-reduce through shared memory" in text or "using gloo" in text, text
     return run
@@ -262,9 +262,23 @@ def test_resume_on_one_rank_with_another_sharding(data, straight, tmp_path):
                          "--checkpoint.keep=10", nproc=1)
     assert rc == 0, text[-5000:]
     assert f"resumed from {run / 'checkpoints' / 'step_000000040'}" in text
-    assert {p["sharding_type"] for p in json.loads((run / "plan.json").read_text())} == {"row_wise"}
+    assert {p["sharding"] for p in json.loads((run / "plan.json").read_text())["tables"]} == {"row_wise"}
     assert abs(summary(run)["val_auc"] - summary(straight)["val_auc"]) < 1e-6
     assert_same_weights(straight / "checkpoints", run / "checkpoints")  # re-saved by the 1-rank run
+
+
+def test_deepfm_plan_prints_the_plan_the_run_got(data, straight, tmp_path, capsys):
+    """One planning path: deepfm-plan for 2 CPU ranks on the default configuration gives the
+    plan (tables, kernels, ranks, bytes per table and rank) that the 2-rank run wrote."""
+    from deepfm_dist.plan import main
+
+    out = tmp_path / "plan.json"
+    args = [a for a in train_args(data, tmp_path / "unused") if a.startswith("--data.")]
+    assert main(["--world-size", "2", "--device", "cpu", "--json", str(out), *args]) == 0
+    planned, ran = json.loads(out.read_text()), json.loads((straight / "plan.json").read_text())
+    assert planned["tables"] == ran["tables"] and planned["ranks"] == ran["ranks"]
+    assert (planned["world_size"], planned["local_world_size"], planned["fits"]) == (2, 2, True)
+    assert "t_C1" in capsys.readouterr().out
 
 
 def test_export_of_the_default_checkpoint(data, straight, tmp_path):

@@ -130,7 +130,7 @@ def rank_worker(sharding_type: str, rich: bool = False, comm: str = "auto") -> d
     cfg.sharding.shm_all_to_all = comm == "shm_all_to_all"
     env = init_distributed("cpu")
     torch.set_num_threads(1)
-    model, plan = shard_model(build_model(cfg), cfg, env)
+    model, plan, _ = shard_model(build_model(cfg), cfg, env)
     shm_group = shm.groups_created > 0
     optimizer = build_optimizers(model, cfg.optimizer).combined
     losses = []

@@ -90,7 +90,7 @@ def test_exact_resume_and_reshard(tiny_data, tmp_path):
     assert math.isclose(result["val_auc"], straight_summary["val_auc"], rel_tol=1e-6)
     one_rank, _, _ = consolidate(str(straight / "checkpoints"))  # re-saved by the 1-rank run
     assert_same_weights(s, one_rank)
-    assert all(p["sharding_type"] == "row_wise" for p in json.loads((reshard / "plan.json").read_text()))
+    assert all(p["sharding"] == "row_wise" for p in json.loads((reshard / "plan.json").read_text())["tables"])
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(tiny_data, tmp_path):

@@ -8,7 +8,6 @@ values.
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 from dataclasses import dataclass
@@ -19,22 +18,16 @@ from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner
-from torchrec.distributed.planner.constants import MIN_CW_DIM
-from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
-from deepfm_dist.config import SHARDING_TYPES, Config
-from deepfm_dist.data.schema import feature_specs
+from deepfm_dist.config import Config
 from deepfm_dist.distributed import pooled_shm, shm
 from deepfm_dist.distributed.ddp_hook import DeepFMDataParallelWrapper, ShmAllReduceState
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
-from deepfm_dist.fsutil import write_json_atomic
+from deepfm_dist.distributed.planning import PlanReport, cluster_of_run, plan_tables, table_rows
 from deepfm_dist.hugepages import advise_huge_pages
 from deepfm_dist.model import init_table_block, table_dim, table_name
 from deepfm_dist.model.init import BLOCK_ROWS
@@ -46,7 +39,6 @@ FUSED_OPTIMIZERS = {
     "adam": EmbOptimType.ADAM,
     "partial_rowwise_adam": EmbOptimType.PARTIAL_ROWWISE_ADAM,
 }
-MODEL_PARALLEL_TYPES = [t for t in SHARDING_TYPES if t != "data_parallel"]
 
 
 class DeepFMSharder(EmbeddingBagCollectionSharder):
@@ -83,126 +75,20 @@ def make_sharder(cfg: Config) -> DeepFMSharder:
     return DeepFMSharder(fused_params=fused_params, qcomm_codecs_registry=qcomm)
 
 
-def table_kinds(cfg: Config) -> dict[str, tuple[str, str]]:
-    """Table -> (sharding type or "auto", the config key that set it).
-
-    ``sharding.tables`` may name a table or any column that looks it up (the same thing for
-    tables that are not shared)."""
-    out: dict[str, tuple[str, str]] = {}
-    for f in feature_specs(cfg.data):
-        for key in (f.table, f.name):
-            if key in cfg.sharding.tables:
-                out[f.table] = (cfg.sharding.tables[key], f"sharding.tables.{key}")
-                break
-        out.setdefault(f.table, (cfg.sharding.type, "sharding.type"))
-    return out
-
-
-def table_constraints(cfg: Config) -> dict[str, ParameterConstraints]:
-    """Per-table allowed sharding types and kernels from ``sharding.type`` / ``sharding.tables``.
-
-    ``auto`` lets the planner choose among the model-parallel types with the fused kernel, so
-    that every table is updated by the configured fused optimizer; data_parallel must be asked
-    for explicitly (its tables are then updated by the dense optimizer, replicated on every rank).
-    Column-wise types are left out of ``auto`` for tables narrower than two column shards
-    (2 x 128 columns, TorchRec's smallest column shard): such a table gets one column shard,
-    the placement of table-wise plus a permute and a second output all-to-all, yet the CPU
-    planner often picks it, though table-wise is faster.
-    """
-    out = {}
-    width = table_dim(cfg.model.embedding_dim)
-    auto_types = [t for t in MODEL_PARALLEL_TYPES if "column" not in t or width >= 2 * MIN_CW_DIM]
-    for table, (kind, _) in table_kinds(cfg).items():
-        types = auto_types if kind == "auto" else [kind]
-        kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
-        out[table_name(table)] = ParameterConstraints(sharding_types=types, compute_kernels=[kernel.value])
-    return out
-
-
-def _host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def make_topology(cfg: Config, env: DistEnv):
-    """The planner's view of the hardware: GPU memory per rank, or a host-memory budget on CPU."""
-    if env.device.type == "cuda":
-        hbm = torch.cuda.get_device_properties(env.device).total_memory
-        trainer = TrainerConfig(
-            world_size=env.world_size,
-            local_world_size=env.local_world_size,
-            hbm_cap_bytes=hbm,
-            ddr_cap_bytes=_host_memory_bytes() // env.local_world_size,
-        )
-        kernel = KernelConfig(compute_device="cuda")
-    else:
-        budget = cfg.sharding.host_memory_gb * 1024**3 or _host_memory_bytes() // env.local_world_size
-        trainer = TrainerConfig(
-            world_size=env.world_size,
-            local_world_size=env.local_world_size,
-            hbm_cap_bytes=0,
-            ddr_cap_bytes=int(budget),
-        )
-        kernel = KernelConfig(compute_device="cpu")
-    return TopologyFactory.create_topology(trainer_config=trainer, kernel_config=kernel)
-
-
-_STATE_PER_WEIGHT = {"sgd": 0.0, "adagrad": 1.0, "adam": 2.0, "partial_rowwise_adam": 1.0}
-
-
-def table_rows(cfg: Config) -> dict[str, int]:
-    return {f.table: f.num_embeddings for f in feature_specs(cfg.data)}
-
-
-def table_bytes(cfg: Config, table: str) -> int:
-    """fp32 weights plus fused optimizer state of one table."""
-    rows, dim = table_rows(cfg)[table], table_dim(cfg.model.embedding_dim)
-    if cfg.optimizer.embedding == "rowwise_adagrad":
-        return rows * (dim + 1) * 4
-    return int(rows * dim * 4 * (1 + _STATE_PER_WEIGHT[cfg.optimizer.embedding]))
-
-
-def check_constraints_fit(cfg: Config, budget_bytes: int, world_size: int) -> None:
-    """Name the table and the constraint when a table cannot fit, before the planner runs.
-
-    A table constrained to one rank (table_wise, data_parallel) must fit a rank's budget; a
-    split table (row/column-wise) must fit across the ranks. The planner would only say
-    "insufficient storage".
-    """
-    usable = budget_bytes * 0.85  # what FixedPercentageStorageReservation(0.15) leaves
-    for table, (kind, key) in table_kinds(cfg).items():
-        need = table_bytes(cfg, table)
-        ranks = 1 if kind in ("table_wise", "data_parallel") else world_size
-        if need > usable * ranks:
-            where = "one rank" if ranks == 1 else f"{ranks} ranks"
-            raise RuntimeError(
-                f"table {table_name(table)} ({table_rows(cfg)[table]:,} rows, {need / 2**30:.2f} GiB with "
-                f"{cfg.optimizer.embedding} state) does not fit {where} under {key}={kind!r}: "
-                f"{usable / 2**30:.2f} GiB usable per rank. Use row_wise/table_row_wise, more ranks, "
-                f"or a larger sharding.host_memory_gb."
-            )
-
-
-def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMSharder) -> ShardingPlan:
-    """Plan on rank 0 and broadcast the plan, or the planner's error, to every rank.
+def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMSharder) -> tuple[ShardingPlan, PlanReport | None]:
+    """Plan on rank 0 (``planning.plan_tables``, as ``deepfm-plan`` does) and broadcast the
+    plan, or the planner's error, to every rank; rank 0 also gets the plan's report.
 
     If rank 0 raised while the others waited in TorchRec's own plan broadcast, they would hang
     until the collective timeout; here every rank receives either the plan or the message and
     all fail together before any training collective.
     """
     result: ShardingPlan | str
+    report = None
     if env.is_main:
         try:
-            topology = make_topology(cfg, env)
-            budget = topology.devices[0].storage.hbm if env.device.type == "cuda" else topology.devices[0].storage.ddr
-            check_constraints_fit(cfg, budget, env.world_size)
-            planner = EmbeddingShardingPlanner(
-                topology=topology,
-                batch_size=cfg.train.batch_size,
-                constraints=table_constraints(cfg),
-                storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
-                debug=False,
-            )
-            result = planner.plan(module, [sharder])
+            cluster = cluster_of_run(cfg, env.world_size, env.local_world_size, env.device)
+            result, report = plan_tables(module, cfg, cluster, sharder)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             result = f"sharding plan failed: {e}" if isinstance(e, RuntimeError) else f"sharding plan failed: {type(e).__name__}: {e}"
     else:
@@ -210,7 +96,7 @@ def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMS
     result = broadcast_result(env, result)
     if isinstance(result, str):
         raise RuntimeError(result)
-    return result
+    return result, report
 
 
 @dataclass
@@ -241,26 +127,6 @@ def describe_plan(plan: ShardingPlan, world_size: int, table_order: list[str] | 
             out.append(TablePlacement(table, ps.sharding_type, ps.compute_kernel, ranks, per_rank))
     order = {t: i for i, t in enumerate(table_order or [])}
     return sorted(out, key=lambda p: (order.get(p.table, len(order)), p.table))
-
-
-def plan_report(placements: list[TablePlacement]) -> str:
-    """A table a person can read: one line per table, then total bytes per rank."""
-    lines = [f"{'table':<12} {'sharding':<18} {'kernel':<8} ranks"]
-    totals: dict[int, int] = {}
-    for p in placements:
-        lines.append(f"{p.table:<12} {p.sharding_type:<18} {p.compute_kernel:<8} {','.join(map(str, p.ranks))}")
-        for r, b in p.bytes_per_rank.items():
-            if b > 0:
-                totals[r] = totals.get(r, 0) + b
-    lines.append(
-        "table weights per rank (MiB): "
-        + ", ".join(f"rank {r}: {b / 2**20:.1f}" for r, b in sorted(totals.items()))
-    )
-    return "\n".join(lines)
-
-
-def save_plan(placements: list[TablePlacement], path: str) -> None:
-    write_json_atomic(path, [p.__dict__ for p in placements], indent=1)
 
 
 _TABLE_KEY = re.compile(r"embedding_bags\.([^.]+)\.weight$")
@@ -373,10 +239,11 @@ def transport(cfg: Config, env: DistEnv) -> Transport:
                      f"{env.backend}, dense gradient all-reduce through shared memory")
 
 
-def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Plan, shard with DMP (dense part under DDP), and initialise the tables."""
+def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan, PlanReport | None]:
+    """Plan, shard with DMP (dense part under DDP), and initialise the tables. Returns the
+    model, the plan and (rank 0) the plan's report."""
     sharder = make_sharder(cfg)
-    plan = plan_sharding(module, cfg, env, sharder)
+    plan, report = plan_sharding(module, cfg, env, sharder)
     comm = transport(cfg, env)
     dmp = DistributedModelParallel(
         module=module,
@@ -395,7 +262,7 @@ def shard_model(module: nn.Module, cfg: Config, env: DistEnv) -> tuple[Distribut
         result = advise_huge_pages(embedding_kernel_tensors(dmp))
         if env.is_main:
             print(f"deepfm: {result.line()} (rank 0; train.huge_pages)", flush=True)
-    return dmp, plan
+    return dmp, plan, report
 
 
 def embedding_kernel_tensors(model: nn.Module) -> list[torch.Tensor]:
