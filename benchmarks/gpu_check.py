@@ -195,6 +195,22 @@ def cpu_to_gpu_verdict(ctx: Ctx, _outputs) -> tuple[str, dict]:
     return f"written on {ctx.gpus} CPU rank(s) at step {HALF}, resumed on {ctx.gpus} GPU(s) to step {s['steps']}", {}
 
 
+def uvm_hbm_gb(ctx: Ctx) -> float:
+    """An HBM budget per GPU of about half the default tables' share (26 x 8.4 MiB over the
+    GPUs): too small to hold them, large enough for their caches."""
+    return round(0.14 / ctx.gpus, 4)
+
+
+def uvm_verdict(ctx: Ctx, _outputs) -> tuple[str, dict]:
+    with open(os.path.join(ctx.run_dir("uvm"), "plan.json")) as f:
+        plan = json.load(f)
+    cached = [t["name"] for t in plan["tables"] if t["kernel"] == "fused_uvm_caching"]
+    if not cached:
+        raise CheckFailed("the plan holds no fused_uvm_caching table")
+    detail, figures = close_to_default(ctx, "uvm")
+    return f"{len(cached)} of {len(plan['tables'])} tables UVM-cached; {detail}", figures
+
+
 def predict_verdict(ctx: Ctx, _outputs) -> tuple[str, dict]:
     base = trained(ctx, "default")
     sharded = _predictions(ctx, "predict_sharded")
@@ -262,6 +278,10 @@ def checks() -> list[Check]:
               lambda ctx: [train(ctx, "cpu_then_gpu", "--train.device=cpu", steps=HALF),
                            train(ctx, "cpu_then_gpu", "--resume", steps=2 * HALF)],
               cpu_to_gpu_verdict),
+        Check("uvm_caching", "sharding.allow_uvm_caching: tables in host memory with an HBM cache (planned with "
+              "a sharding.hbm_gb the default tables outgrow)",
+              lambda ctx: [train(ctx, "uvm", "--sharding.allow_uvm_caching=true", f"--sharding.hbm_gb={uvm_hbm_gb(ctx)}")],
+              uvm_verdict),
         Check("predict_export", "deepfm-predict on the GPUs, deepfm-export, the exported model scores the same",
               lambda ctx: [
                   Cmd([*torchrun(ctx), "-m", "deepfm_dist.predict", "--model", os.path.join(ctx.run_dir("default"), "checkpoints"),

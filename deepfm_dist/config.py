@@ -214,6 +214,9 @@ class ShardingConfig:
     host_memory_gb: float = 0.0
     """CPU ranks: host memory budget per rank for the planner (0: available RAM / local ranks);
     the planner leaves 15% of it (and of each GPU's memory) for everything but the tables."""
+    hbm_gb: float = 0.0
+    """GPU ranks: GPU memory per rank the planner may plan with (0: the device's own), e.g. to
+    leave room for something else on the GPU; the 15% reserve is taken off it too."""
     hardware: str = "auto"
     """GPU ranks: the planner's memory bandwidths and links (``deepfm-plan --hardware``): a100-80g,
     h100-80g, h200-141g, or auto (recognised from the GPU's name; TorchRec's defaults for any
@@ -256,6 +259,7 @@ class ShardingConfig:
         for name, kind in self.tables.items():
             _require(kind in allowed, f"sharding.tables.{name}", kind, f"one of {', '.join(allowed)}")
         _require(self.host_memory_gb >= 0, "sharding.host_memory_gb", self.host_memory_gb, "a float >= 0")
+        _require(self.hbm_gb >= 0, "sharding.hbm_gb", self.hbm_gb, "a float >= 0")
         _require(self.hardware in HARDWARE_NAMES, "sharding.hardware", self.hardware, f"one of {', '.join(HARDWARE_NAMES)}")
         _require(0 < self.cache_load_factor <= 1, "sharding.cache_load_factor", self.cache_load_factor,
                  "a fraction in (0, 1]")

@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, metavar="N", help="nodes, with --ranks-per-node (default: the preset's)")
     p.add_argument("--ranks-per-node", type=int, metavar="N",
                    help="ranks per node (default: the preset's, on CPU the world size: one node)")
-    p.add_argument("--hbm-gib", type=float, metavar="GIB", help="GPU memory per rank (overrides the preset's)")
+    p.add_argument("--hbm-gib", type=float, metavar="GIB", help="GPU memory per rank (default: sharding.hbm_gb, "
+                   "else the preset's)")
     p.add_argument("--ddr-gib", type=float, metavar="GIB", help="host memory per rank (default: the preset's; on "
                    "CPU sharding.host_memory_gb, else this machine's free memory / ranks per node, as training)")
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON (the run's plan.json format)")
@@ -82,9 +83,10 @@ def cluster_from_args(args: argparse.Namespace, cfg, error) -> object:
     if per_node > world:
         error(f"--ranks-per-node {per_node} > world size {world}")
     if device == "cuda":
-        if hw is None and args.hbm_gib is None:
+        hbm_gib = args.hbm_gib or cfg.sharding.hbm_gb or (hw.hbm_gib if hw else None)
+        if hbm_gib is None:
             error("--device cuda: give --hardware (a preset) or --hbm-gib")
-        hbm = int((args.hbm_gib if args.hbm_gib is not None else hw.hbm_gib) * GIB)
+        hbm = int(hbm_gib * GIB)
         ddr = int((args.ddr_gib if args.ddr_gib is not None else (hw.ddr_gib if hw else 128)) * GIB)
         return Cluster(world, per_node, "cuda", hbm, ddr, hw)
     ddr = int(args.ddr_gib * GIB) if args.ddr_gib is not None else cpu_budget_bytes(cfg, per_node)
@@ -109,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     from deepfm_dist.logs import quiet_library_noise
     from deepfm_dist.step import build_model
 
+    from deepfm_dist.versions import check_torchrec
+
     quiet_library_noise()
+    check_torchrec()
     print(f"deepfm-plan: {cluster.describe()}; batch {cfg.train.batch_size} per rank", flush=True)
     try:
         _, report = plan_tables(build_model(cfg), cfg, cluster, make_sharder(cfg))

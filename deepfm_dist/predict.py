@@ -403,6 +403,9 @@ def run(setup: Setup) -> dict:
     from deepfm_dist.fsutil import write_json_atomic
     from deepfm_dist.logs import RankLogger, quiet_library_noise
 
+    from deepfm_dist.versions import check_torchrec
+
+    check_torchrec()
     args, source, loader = setup.args, setup.source, setup.loader
     cfg = source.cfg
     # Prediction needs no optimizer state: the fused SGD kernel has none (and runs on CPU and

@@ -30,6 +30,7 @@ from deepfm_dist.model import table_name
 from deepfm_dist.model.build import table_names
 from deepfm_dist.optim import build_optimizers, check_embedding_optimizer, lr_factor, set_learning_rates
 from deepfm_dist.step import Stepper, build_model, check_precision
+from deepfm_dist.versions import check_torchrec
 
 
 def make_reader(cfg: Config, env: DistEnv, files: list[str], *, train: bool) -> ParquetLoader:
@@ -52,6 +53,7 @@ def find_oracle(val_specs: list[str]) -> dict | None:
 def train(cfg: Config) -> dict:
     """Run training as configured; every rank returns the same summary dict."""
     quiet_library_noise()
+    check_torchrec()
     # Resolve paths and read the Parquet footers before joining the process group: every
     # rank checks the same files, so bad input fails all ranks alike, before any collective.
     train_files = resolve_parquet_paths(cfg.data.train, "data.train")

@@ -2,7 +2,7 @@
 # GPU acceptance: on a machine with GPUs, one command (under 10 minutes) that installs the GPU
 # stack, then runs the GPU path end to end and reports PASS/FAIL per check (environment, the
 # default run on every visible GPU, the pipeline's CUDA streams, bf16, fp16/bf16 quantized
-# comms, Adam resume bitwise, a CPU checkpoint resumed on GPU, predict and export, samples/s per
+# comms, Adam resume bitwise, a CPU checkpoint resumed on GPU, UVM caching, predict and export, samples/s per
 # GPU at batch 8192 and 65536). Results: runs/gpu_check/gpu_check.json and a table.
 #
 #   ./launcher/gpu_check.sh                       # every check, every visible GPU

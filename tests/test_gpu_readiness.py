@@ -138,7 +138,7 @@ def test_the_launchers_give_the_ranks_time_to_checkpoint(monkeypatch):
 
 
 REQUIRED_CHECKS = {"environment", "default_run", "pipeline", "bf16", "comm_fp16", "comm_bf16", "adam_resume",
-                   "cpu_checkpoint_on_gpu", "predict_export", "throughput"}
+                   "cpu_checkpoint_on_gpu", "uvm_caching", "predict_export", "throughput"}
 
 
 def test_gpu_check_dry_run_lists_and_verifies_every_check(tmp_path):
@@ -171,3 +171,20 @@ def test_gpu_check_dry_run_refuses_a_bad_run_config(tmp_path):
                             lambda ctx, o: ("", {}))
     result = gpu_check.run_check(ctx, check)
     assert result["status"] == "FAIL" and "train.precision" in result["detail"], result
+
+
+def test_unsupported_torchrec_release_is_refused_at_start_up(monkeypatch):
+    """USE_SYSTEM_TORCH pairs torch 2.11-2.13 with TorchRec 1.6-1.8; anything else stops at
+    start-up, naming the release, and a release lacking an API the code uses names the API."""
+    from deepfm_dist import versions
+
+    versions.check_torchrec()  # the installed release
+    monkeypatch.setattr(versions, "torchrec_version", lambda: "1.5.0")
+    with pytest.raises(RuntimeError, match=r"torchrec 1.5.0 is not a release .*1.6.x, 1.7.x, 1.8.x"):
+        versions.check_torchrec()
+    monkeypatch.setattr(versions, "torchrec_version", lambda: "1.7.0")
+    from torchrec.optim.keyed import CombinedOptimizer
+
+    monkeypatch.delattr(CombinedOptimizer, "set_optimizer_step")
+    with pytest.raises(RuntimeError, match="lacks what this code uses: CombinedOptimizer.set_optimizer_step"):
+        versions.check_torchrec()

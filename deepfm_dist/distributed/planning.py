@@ -167,8 +167,8 @@ def cluster_of_run(cfg: Config, world_size: int, local_world_size: int, device: 
             hw = detect_hardware(props.name, props.total_memory)
         else:
             hw = HARDWARE[cfg.sharding.hardware]
-        return Cluster(world_size, local_world_size, "cuda", props.total_memory,
-                       _host_memory_bytes() // max(1, local_world_size), hw)
+        hbm = int(cfg.sharding.hbm_gb * GIB) if cfg.sharding.hbm_gb else props.total_memory
+        return Cluster(world_size, local_world_size, "cuda", hbm, _host_memory_bytes() // max(1, local_world_size), hw)
     return Cluster(world_size, local_world_size, "cpu", 0, cpu_budget_bytes(cfg, local_world_size), None)
 
 
