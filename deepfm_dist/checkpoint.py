@@ -64,6 +64,35 @@ def latest(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
+BEST = "best.json"
+"""In a checkpoint folder: which checkpoint is best by ``checkpoint.best_metric`` (Checkpointer)."""
+
+
+def read_best(root: str) -> dict | None:
+    """``root``'s best.json, if it names a complete checkpoint there."""
+    try:
+        with open(os.path.join(root, BEST)) as f:
+            best = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    path = os.path.join(root, best.get("checkpoint", ""))
+    return best if best.get("checkpoint") and os.path.isfile(os.path.join(path, META)) else None
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory as it is; a folder of checkpoints: its best one (best.json), else
+    its latest complete one. Raises FileNotFoundError naming ``path``."""
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    best = read_best(path)
+    if best is not None:
+        return os.path.join(path, best["checkpoint"])
+    found = latest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (no {META}) nor a folder holding complete ones")
+    return found
+
+
 def read_meta(path: str) -> dict[str, Any]:
     meta_path = os.path.join(path, META)
     try:
@@ -229,6 +258,7 @@ def save(
     state: TrainState,
     extra_meta: dict[str, Any],
     keep: int,
+    protect: str | None = None,
 ) -> str:
     """Write a checkpoint of every rank's shards; returns its final path. Collective.
 
@@ -269,17 +299,19 @@ def save(
         if os.path.exists(final):  # the same step saved twice (e.g. at the end after every_steps)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        prune(root, keep)
+        prune(root, keep, protect)
     if dist.is_initialized():
         dist.barrier()
     return final
 
 
-def prune(root: str, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; remove older ones and stale temporaries."""
+def prune(root: str, keep: int, protect: str | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints (and ``protect``, the best one); remove
+    older ones and stale temporaries."""
     complete = list_complete(root)
     for _, path in complete[: max(0, len(complete) - keep)]:
-        shutil.rmtree(path, ignore_errors=True)
+        if protect is None or os.path.abspath(path) != os.path.abspath(protect):
+            shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root):
         if name.endswith(".tmp") and _COMPLETE.match(name[: -len(".tmp")]):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
@@ -368,15 +400,51 @@ class TrackedIterator:
         return self._states[trained]
 
 
+def _global_shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, (ShardedTensor, torch.Tensor)):
+        return tuple(value.size())
+    return None
+
+
+def check_same_model(path: str, model: torch.nn.Module, index: Metadata) -> None:
+    """Refuse a checkpoint whose tensors (tables first) lack or differ in shape from this model's,
+    naming them: a warm start must not load weights into another layout."""
+    saved = index.state_dict_metadata
+    tables, others = [], []
+    for key, value in model.state_dict().items():
+        shape = _global_shape(value)
+        if shape is None:
+            continue
+        meta = saved.get(f"model.{key}")
+        got = tuple(meta.size) if meta is not None and hasattr(meta, "size") else None
+        if got != shape:
+            m = re.search(r"embedding_bags\.([^.]+)\.weight$", key)
+            what = (f"{m.group(1)}: " if m else f"{key}: ") + (
+                f"{'x'.join(map(str, got))} in the checkpoint" if got else "not in the checkpoint") + \
+                f", {'x'.join(map(str, shape))} here"
+            (tables if m else others).append(what)
+    if tables or others:
+        raise ValueError(
+            f"--init_from {path}: the checkpoint's model differs from this config's; "
+            + ("tables (rows x width): " + "; ".join(tables) if tables else "")
+            + ("; " if tables and others else "") + ("; ".join(others[:5]) if others else "")
+        )
+
+
 class Checkpointer:
-    """When to save (``checkpoint.every_steps``, ``every_minutes``, at the end, on a stop) and
-    what: the sharded model, both optimizers, RNG states, every rank's loader position, the plan
-    and the config. Also resumes. Collective: every rank calls ``save`` and ``resume``."""
+    """When to save (``checkpoint.every_steps``, ``every_minutes``, at the end, on a stop, at an
+    evaluation that improves ``checkpoint.best_metric``) and what: the sharded model, both
+    optimizers, RNG states, every rank's loader position, the plan and the config. Also resumes
+    and warm-starts. Collective: every rank calls ``save``, ``resume`` and ``track_best``."""
 
     def __init__(self, cfg, env, model: torch.nn.Module, optimizers, placements: list, log):
         self.cfg, self.env, self.model, self.opts, self.placements, self.log = cfg, env, model, optimizers, placements, log
         self.every_steps, self.minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
         self.last_save_time = time.monotonic()
+        self.last_saved_step: int | None = None
+        self.best: dict | None = None
+        """best.json: checkpoint (folder name), step, metric, value, evals_since (evaluations
+        since the best, for ``train.early_stop_patience``)."""
 
     def due(self, step: int) -> bool:
         return bool(self.every_steps) and step % self.every_steps == 0
@@ -389,12 +457,17 @@ class Checkpointer:
         """(where the run continues, this rank's loader state or None): the latest complete
         checkpoint under ``--resume``, else the start."""
         start = TrainState(step=0, epoch=0, step_in_epoch=0, loader_states=[])
-        if not self.cfg.resume:
-            return start, None
-        path = latest(self.cfg.checkpoint_dir)
+        path = latest(self.cfg.checkpoint_dir) if self.cfg.resume else None
         if path is None:
-            self.log(f"resume: no complete checkpoint in {self.cfg.checkpoint_dir}; starting fresh")
+            if self.env.is_main and os.path.exists(os.path.join(self.cfg.checkpoint_dir, BEST)):
+                os.remove(os.path.join(self.cfg.checkpoint_dir, BEST))  # an earlier run's: this run's best comes
+            if self.cfg.resume:
+                self.log(f"resume: no complete checkpoint in {self.cfg.checkpoint_dir}; starting "
+                         + ("from --init_from" if self.cfg.init_from else "fresh"))
+            if self.cfg.init_from:
+                self.warm_start()
             return start, None
+        self.best = read_best(self.cfg.checkpoint_dir)
         # The dense optimizer's state is created lazily; make it so DCP can load into it.
         self.opts.dense.init_state()
         meta = load(path, model=self.model, optimizer=self.opts.combined)
@@ -415,7 +488,48 @@ class Checkpointer:
         self.log(f"resumed from {path} (step {meta['step']}, epoch {epoch + 1}, batch {step_in_epoch})")
         return TrainState(meta["step"], epoch, step_in_epoch, []), loader_state
 
-    def save(self, state: TrainState, position: Any) -> str:
+    def warm_start(self) -> None:
+        """``--init_from``: this run starts (step 0) from another checkpoint's model weights and,
+        with ``init_optimizer``, its optimizer state; resharded to this run's plan."""
+        try:
+            path = resolve(self.cfg.init_from)
+        except FileNotFoundError as e:
+            raise ValueError(f"--init_from: {e}") from None
+        index = read_dcp_metadata(path)
+        check_same_model(path, self.model, index)
+        optimizer = None
+        if self.cfg.init_optimizer:
+            self.opts.dense.init_state()
+            optimizer = self.opts.combined
+        meta = load(path, model=self.model, optimizer=optimizer, rng=False)
+        self.log(f"init_from: model weights{' and optimizer state' if optimizer is not None else ''} of {path} "
+                 f"(step {meta['step']}); this run starts at step 0")
+
+    def track_best(self, record: dict, state: TrainState, position) -> bool:
+        """After an evaluation: save a checkpoint when ``record`` improves the best metric, and
+        say whether ``train.early_stop_patience`` evaluations in a row did not. ``position()``:
+        this rank's loader state. Collective (the record is the same on every rank)."""
+        metric = self.cfg.checkpoint.best_metric
+        if metric == "none":
+            return False
+        value = record[f"val_{metric}"]
+        best = self.best["value"] if self.best else None
+        improved = value == value and (best is None or (value > best if metric == "auc" else value < best))
+        if improved:
+            path = self.save(state, position(), best_step=True)
+            self.best = {"checkpoint": os.path.basename(path), "step": state.step, "metric": metric, "value": value,
+                         "evals_since": 0}
+        else:
+            self.best = {**(self.best or {"checkpoint": "", "step": None, "metric": metric, "value": None}),
+                         "evals_since": (self.best or {}).get("evals_since", 0) + 1}
+        if self.env.is_main:
+            from deepfm_dist.fsutil import write_json_atomic
+
+            write_json_atomic(os.path.join(self.cfg.checkpoint_dir, BEST), self.best)
+        patience = self.cfg.train.early_stop_patience
+        return bool(patience) and self.best["evals_since"] >= patience
+
+    def save(self, state: TrainState, position: Any, best_step: bool = False) -> str:
         """Write a checkpoint of ``state``; ``position`` is this rank's loader state after
         ``state.step_in_epoch`` batches."""
         from deepfm_dist.evaluator import sync_dense_buffers
@@ -428,9 +542,10 @@ class Checkpointer:
         # DCP stores one copy of a replicated tensor, from whichever rank it picks; make the
         # BatchNorm statistics rank 0's (the ones DDP broadcasts at the next step) everywhere.
         sync_dense_buffers(self.model, self.env)
+        protect = os.path.join(self.cfg.checkpoint_dir, self.best["checkpoint"]) if self.best and self.best["checkpoint"] else None
         path = save(self.cfg.checkpoint_dir, model=self.model, optimizer=self.opts.combined, state=state,
                     extra_meta={"plan": [p.__dict__ for p in self.placements], "config": self.cfg.to_dict()},
-                    keep=self.cfg.checkpoint.keep)
-        self.last_save_time = time.monotonic()
-        self.log(f"checkpoint: {path}")
+                    keep=self.cfg.checkpoint.keep, protect=protect)
+        self.last_save_time, self.last_saved_step = time.monotonic(), state.step
+        self.log(f"checkpoint: {path}" + (f" (best {self.cfg.checkpoint.best_metric} so far)" if best_step else ""))
         return path

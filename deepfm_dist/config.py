@@ -31,6 +31,7 @@ CPU_EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 LR_DECAYS = ("none", "step", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
+BEST_METRICS = ("auc", "logloss", "ne", "none")
 HARDWARE_NAMES = ("auto", "a100-80g", "h100-80g", "h200-141g")  # distributed/planning.py: HARDWARE
 INTRA_NODE_COMMS = ("auto", "gloo", "shm")
 MAX_LR = 1e3
@@ -339,6 +340,9 @@ class TrainConfig:
     """Print loss and throughput every N steps (each print is a host sync)."""
     eval_every: int = 0
     """Also validate every N steps (0: only at the end of each epoch)."""
+    early_stop_patience: int = 0
+    """Stop after this many evaluations in a row without improving ``checkpoint.best_metric``
+    (0: never); the best checkpoint is kept and named at the end."""
     seed: int = 0
     """Seed of the model initialisation; the same seed gives the same model at any world size."""
     device: str = "auto"
@@ -376,6 +380,8 @@ class TrainConfig:
         _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "an integer >= 0")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "a positive integer")
         _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "an integer >= 0")
+        _require(self.early_stop_patience >= 0, "train.early_stop_patience", self.early_stop_patience,
+                 "an integer >= 0 (evaluations)")
         _require(self.device in DEVICES, "train.device", self.device, f"one of {', '.join(DEVICES)}")
         _require(self.threads >= 0, "train.threads", self.threads, "an integer >= 0")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a float >= 0 (0 disables clipping)")
@@ -394,8 +400,15 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a new one is complete."""
     at_end: bool = True
     """Save when training finishes."""
+    best_metric: str = "auc"
+    """Keep the best checkpoint by this validation metric: auc (higher is better), logloss or ne
+    (lower is better); each evaluation that improves on it saves a checkpoint, which pruning never
+    deletes, and ``best.json`` in the checkpoint folder names it. deepfm-predict, deepfm-export and
+    ``--init_from`` given the folder take the best; ``--resume`` takes the latest. "none": off."""
 
     def __post_init__(self) -> None:
+        _require(self.best_metric in BEST_METRICS, "checkpoint.best_metric", self.best_metric,
+                 f"one of {', '.join(BEST_METRICS)}")
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
         _require(self.every_minutes >= 0, "checkpoint.every_minutes", self.every_minutes, "a number >= 0")
         _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
@@ -414,9 +427,21 @@ class Config:
     resume: bool = False
     """Continue from the latest complete checkpoint in checkpoint.dir (--resume); start fresh
     when there is none."""
+    init_from: str = ""
+    """Warm start (--init_from=PATH): a new run (step 0, its own data and schedule) from the model
+    weights of a checkpoint, or of a checkpoint folder's best (else latest) one; resharded to this
+    run's plan like a resume. The tables must have the names and widths of this config's. A
+    ``--resume`` that finds a checkpoint of this run wins over it."""
+    init_optimizer: bool = False
+    """With ``init_from``: also load the fused and dense optimizers' state."""
 
     def __post_init__(self) -> None:
         _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")
+        _require(not self.init_optimizer or bool(self.init_from), "init_optimizer", self.init_optimizer,
+                 "false unless init_from names a checkpoint")
+        _require(not self.train.early_stop_patience or self.checkpoint.best_metric != "none",
+                 "train.early_stop_patience", self.train.early_stop_patience,
+                 "0 when checkpoint.best_metric is none (it counts evaluations without improving that metric)")
         names = [*self.data.sparse, *sorted(set(self.data.shared_tables.values()))]
         unknown = sorted(set(self.sharding.tables) - set(names))
         _require(not unknown, "sharding.tables", unknown, f"names of sparse columns or shared tables ({', '.join(names)})")
@@ -437,8 +462,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
 }
-TOP_LEVEL = ("run_dir", "resume")
-FLAGS = ("resume",)
+TOP_LEVEL = ("run_dir", "resume", "init_from", "init_optimizer")
+FLAGS = ("resume", "init_optimizer")
 """Top-level booleans that may be given without a value (``--resume``)."""
 
 
@@ -618,7 +643,9 @@ def build_config(tree: dict[str, Any]) -> Config:
     sections = {name: _build_section(name, cls, tree.get(name, {})) for name, cls in SECTIONS.items()}
     run_dir = _coerce("run_dir", str, tree.get("run_dir", Config.run_dir))
     resume = _coerce("resume", bool, tree.get("resume", False))
-    return Config(**sections, run_dir=run_dir, resume=resume)
+    init_from = _coerce("init_from", str, tree.get("init_from", ""))
+    init_optimizer = _coerce("init_optimizer", bool, tree.get("init_optimizer", False))
+    return Config(**sections, run_dir=run_dir, resume=resume, init_from=init_from, init_optimizer=init_optimizer)
 
 
 def load_config(argv: list[str]) -> Config:

@@ -1,5 +1,5 @@
 """Evaluation: when (``train.eval_every``, every epoch's end, the run's end) and the exact
-AUC / logloss over every rank's validation rows."""
+AUC, logloss, normalized entropy and calibration over every rank's validation rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from deepfm_dist.distributed.env import DistEnv
 from deepfm_dist.logs import MetricsLogger
-from deepfm_dist.metrics import global_auc_logloss
+from deepfm_dist.metrics import global_metrics
 from deepfm_dist.step import autocast
 
 
@@ -29,8 +29,9 @@ def sync_dense_buffers(model: nn.Module, env: DistEnv) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") -> tuple[float, float, int]:
-    """Score this rank's share of the validation set; exact AUC/logloss over all ranks' rows."""
+def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") -> dict:
+    """Score this rank's share of the validation set; ``metrics.global_metrics`` over all
+    ranks' rows (auc, logloss, ne, calibration, rows)."""
     sync_dense_buffers(model, env)
     model.eval()
     logits, labels, weights = [], [], []
@@ -43,7 +44,7 @@ def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") ->
         weights.append(w)
     model.train()
     keep = torch.cat(weights) > 0  # padding rows (weight 0) are not scored
-    return global_auc_logloss(torch.cat(logits)[keep], torch.cat(labels)[keep].float())
+    return global_metrics(torch.cat(logits)[keep], torch.cat(labels)[keep].float())
 
 
 class Evaluator:
@@ -59,11 +60,13 @@ class Evaluator:
         return bool(self.every) and step % self.every == 0
 
     def run(self, step: int, epoch: int) -> dict:
-        auc, ll, n = evaluate(self.model, self.reader, self.env, self.precision)
-        record = {"step": step, "epoch": epoch, "samples": step * self.samples_per_step,
-                  "val_auc": auc, "val_logloss": ll, "val_rows": n}
+        m = evaluate(self.model, self.reader, self.env, self.precision)
+        record = {"step": step, "epoch": epoch, "samples": step * self.samples_per_step, "val_auc": m["auc"],
+                  "val_logloss": m["logloss"], "val_ne": m["ne"], "val_calibration": m["calibration"],
+                  "val_rows": m["rows"]}
         self.metrics.write(**record)
-        self.metrics.log(f"eval step {step} (epoch {epoch}): val AUC {auc:.4f} logloss {ll:.4f} ({n:,} rows)")
+        self.metrics.log(f"eval step {step} (epoch {epoch}): val AUC {m['auc']:.4f} logloss {m['logloss']:.4f} "
+                         f"NE {m['ne']:.4f} calibration {m['calibration']:.3f} ({m['rows']:,} rows)")
         self.results.append(record)
         return record
 

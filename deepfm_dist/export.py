@@ -1,6 +1,6 @@
 """Export a (sharded, any world size) checkpoint as one unsharded state dict for inference.
 
-    deepfm-export runs/default/checkpoints            # the latest complete checkpoint
+    deepfm-export runs/default/checkpoints            # the best checkpoint (best.json), else the latest
     deepfm-export runs/default/checkpoints/step_000000244 --out model.pt
 
 Writes ``model.pt`` (a plain ``{name: tensor}`` dict: ``torch.load(path, weights_only=True)``
@@ -32,13 +32,8 @@ def build_plain_model(cfg: Config) -> DeepFMTrain:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a checkpoint root (its latest complete checkpoint)."""
-    if os.path.isfile(os.path.join(path, ckpt.META)):
-        return path
-    latest = ckpt.latest(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no {ckpt.META}) nor a folder holding complete ones")
-    return latest
+    """A checkpoint directory, or a folder of them: its best (best.json), else latest, one."""
+    return ckpt.resolve(path)
 
 
 def consolidate(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
@@ -55,7 +50,8 @@ def consolidate(path: str) -> tuple[dict[str, torch.Tensor], Config, dict]:
 @dataclass
 class ExportOptions:
     checkpoint: str
-    """A checkpoint directory, or a folder of checkpoints (its latest complete one)."""
+    """A checkpoint directory, or a folder of checkpoints (its best one by the run's
+    checkpoint.best_metric, named in best.json, else its latest complete one)."""
     out: str = "model.pt"
     """The output file; its config goes beside it as OUT.json."""
     overwrite: bool = False

@@ -89,7 +89,7 @@ class MetricsLogger:
                 f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             prefix = "val" if "val_auc" in record else "train"
-            for key in ("loss", "lr", "samples_per_s", "val_auc", "val_logloss"):
+            for key in ("loss", "lr", "samples_per_s", "val_auc", "val_logloss", "val_ne", "val_calibration"):
                 if key in record:
                     self.tb.add_scalar(f"{prefix}/{key.removeprefix('val_')}", record[key], record["step"])
             self.tb.flush()

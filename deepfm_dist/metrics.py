@@ -1,4 +1,7 @@
-"""Exact AUC and logloss over the union of every rank's predictions."""
+"""Exact AUC, logloss, normalized entropy and calibration over the union of every rank's
+predictions."""
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -32,6 +35,26 @@ def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(F.binary_cross_entropy_with_logits(logits.double(), labels.double()))
 
 
+def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """NE: the logloss divided by the entropy of the observed CTR p, i.e. by the logloss of
+    always predicting p (He et al. 2014, "Practical Lessons from Predicting Clicks on Ads at
+    Facebook"). 1.0 is no better than the base rate; lower is better. nan when one class is
+    absent."""
+    p = float(labels.double().mean())
+    if not 0.0 < p < 1.0:
+        return float("nan")
+    return logloss(logits, labels) / -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean predicted probability over the observed CTR: 1.0 is calibrated, above 1 the model
+    over-predicts clicks. nan without positives."""
+    clicks = float(labels.double().sum())
+    if clicks == 0:
+        return float("nan")
+    return float(torch.sigmoid(logits.double()).sum()) / clicks
+
+
 def gather_to_rank0(local: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
     """Concatenate every rank's 1-D tensor (lengths may differ) on rank 0; None elsewhere.
 
@@ -55,10 +78,9 @@ def gather_to_rank0(local: torch.Tensor, group: dist.ProcessGroup | None = None)
     return torch.cat([b[:c] for b, c in zip(bufs, counts)])
 
 
-def global_auc_logloss(
-    logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None
-) -> tuple[float, float, int]:
-    """(AUC, logloss, rows) over all ranks' rows, computed exactly on rank 0 and broadcast.
+def global_metrics(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> dict:
+    """AUC, logloss, NE, calibration and the row count over all ranks' rows, computed exactly
+    on rank 0 and broadcast: the same dict on every rank. Collective.
 
     logits, labels: [N_rank] real (unpadded) rows of this rank.
     """
@@ -66,13 +88,14 @@ def global_auc_logloss(
     all_labels = gather_to_rank0(labels.to(logits.dtype), group)
     if all_logits is not None:
         result = torch.tensor(
-            [exact_auc(all_logits, all_labels), logloss(all_logits, all_labels), all_logits.numel()],
+            [exact_auc(all_logits, all_labels), logloss(all_logits, all_labels),
+             normalized_entropy(all_logits, all_labels), calibration(all_logits, all_labels), all_logits.numel()],
             dtype=torch.float64,
         )
     else:
-        result = torch.zeros(3, dtype=torch.float64)
+        result = torch.zeros(5, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         result = result.to(logits.device)
         dist.broadcast(result, src=0, group=group)
-    auc, loss, rows = result.tolist()
-    return auc, loss, int(rows)
+    auc, loss, ne, cal, rows = result.tolist()
+    return {"auc": auc, "logloss": loss, "ne": ne, "calibration": cal, "rows": int(rows)}

@@ -43,8 +43,8 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
     import matplotlib.pyplot as plt
 
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
-    (ax_loss, ax_auc), (ax_ll, ax_tp) = axes
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12), constrained_layout=True)
+    (ax_loss, ax_auc), (ax_ll, ax_tp), (ax_ne, ax_cal) = axes
     oracle = None
     for run_dir, label in zip(run_dirs, labels):
         train, evals = read_run(run_dir)
@@ -57,10 +57,15 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
             samples = [r["samples"] for r in evals]
             ax_auc.plot(samples, [r["val_auc"] for r in evals], "o-", color=color, label=label)
             ax_ll.plot(samples, [r["val_logloss"] for r in evals], "o-", color=color, label=label)
+            # NE and calibration: runs written before they were recorded have none
+            ax_ne.plot(samples, [r.get("val_ne", float("nan")) for r in evals], "o-", color=color, label=label)
+            ax_cal.plot(samples, [r.get("val_calibration", float("nan")) for r in evals], "o-", color=color,
+                        label=label)
         summary_path = os.path.join(run_dir, "summary.json")
         if os.path.isfile(summary_path):
             with open(summary_path) as f:
                 oracle = json.load(f).get("oracle_val_auc", oracle) or oracle
+    ax_cal.axhline(1.0, color="gray", linestyle=":")
     if oracle is not None:
         ax_auc.axhline(oracle, color="gray", linestyle="--", label=f"oracle {oracle:.4f}")
     for ax, title, ylabel in (
@@ -68,6 +73,8 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
         (ax_auc, "validation AUC", "AUC"),
         (ax_ll, "validation logloss", "logloss"),
         (ax_tp, "throughput", "samples/s (all ranks)"),
+        (ax_ne, "validation normalized entropy (logloss / base-rate entropy)", "NE"),
+        (ax_cal, "validation calibration (mean prediction / CTR)", "calibration"),
     ):
         ax.set_title(title)
         ax.set_xlabel("samples seen")

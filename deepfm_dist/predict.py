@@ -3,7 +3,7 @@
     deepfm-predict --model runs/default/checkpoints --data new_day/ --out preds/ --id-columns request_id
     torchrun --nproc-per-node 4 -m deepfm_dist.predict --model model.pt --data 's3://b/day_23/*.parquet' --out preds/
 
-``--model`` is a checkpoint directory, a folder of checkpoints (the latest complete one), or an
+``--model`` is a checkpoint directory, a folder of checkpoints (its best one, else the latest), or an
 exported ``model.pt`` (``deepfm-export``, with its ``model.pt.json`` beside it). A checkpoint is
 loaded into a model sharded for the current world, whatever world and plan wrote it (DCP
 reshards); an exported model is loaded whole by every rank, which then scores on its own. The
@@ -78,7 +78,7 @@ def _env_rank() -> tuple[int, int, int]:
 @dataclass
 class PredictOptions:
     model: str = field(metadata={"metavar": "PATH"})
-    """A checkpoint directory, a folder of checkpoints (its latest complete one), or an exported model.pt."""
+    """A checkpoint directory, a folder of checkpoints (its best one by best.json, else the latest), or an exported model.pt."""
     data: list[str] = field(metadata={"metavar": "SPEC"})
     """Parquet files, directories or globs (local or URI); several, and repeatable."""
     out: str = field(metadata={"metavar": "DIR"})
@@ -399,7 +399,7 @@ def run(setup: Setup) -> dict:
     """Joins the process group, builds the model, scores, writes; returns the summary (the
     same on every rank)."""
     from deepfm_dist.distributed.env import destroy, init_distributed, set_cpu_threads
-    from deepfm_dist.metrics import global_auc_logloss
+    from deepfm_dist.metrics import global_metrics
     from deepfm_dist.fsutil import write_json_atomic
     from deepfm_dist.logs import RankLogger, quiet_library_noise
 
@@ -456,8 +456,9 @@ def run(setup: Setup) -> dict:
         rows = sum(r["rows"] for r in per_rank)
         metrics: dict[str, Any] = {}
         if loader.has_labels:  # collective; every rank has the same has_labels (from the footers)
-            auc, ll, _ = global_auc_logloss(scored.logits.to(env.device), scored.labels.to(env.device))
-            metrics = {"auc": auc, "logloss": ll, "label_mean": sum(r["sum_label"] for r in per_rank) / max(rows, 1)}
+            m = global_metrics(scored.logits.to(env.device), scored.labels.to(env.device))
+            metrics = {"auc": m["auc"], "logloss": m["logloss"], "ne": m["ne"], "calibration": m["calibration"],
+                       "label_mean": sum(r["sum_label"] for r in per_rank) / max(rows, 1)}
         seconds = time.perf_counter() - start  # scoring and writing (model loading excluded)
         # Footer-time skips are the same on every rank, read-time ones are each rank's own.
         skipped = list({json.dumps(x, sort_keys=True): x for r in per_rank for x in r["skipped"]}.values())
@@ -493,7 +494,8 @@ def run(setup: Setup) -> dict:
             ]
             if loader.has_labels:
                 table += [("label mean", f"{metrics['label_mean']:.4f}"), ("AUC", f"{metrics['auc']:.4f}"),
-                          ("logloss", f"{metrics['logloss']:.4f}")]
+                          ("logloss", f"{metrics['logloss']:.4f}"), ("NE", f"{metrics['ne']:.4f}"),
+                          ("calibration", f"{metrics['calibration']:.3f}")]
             else:
                 table.append(("metrics", f"none (no label column {cfg.data.label!r})" if args.label == "auto"
                               else "none (--label none)"))

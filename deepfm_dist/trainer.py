@@ -142,6 +142,7 @@ class Trainer:
         """The loop: resume, then epochs of steps; the components say when to log, evaluate and save."""
         self.state, loader_state = self.checkpointer.resume(self.steps_per_epoch)
         state, stopped, tracked = self.state, False, None
+        self.early_stopped = False
         self.metrics.start(state.step)
         self.model.train()
         while state.epoch < self.cfg.train.epochs and state.step < self.total_steps:
@@ -174,18 +175,32 @@ class Trainer:
                 # -- evaluate and checkpoint on their schedules (the last step's come after the loop)
                 if evaluate and step < self.total_steps:
                     stepper.detach()  # plain forward for evaluation; the next step re-attaches
-                    self.evaluator.run(step, state.epoch + 1)
+                    self.early_stopped = self.evaluate(lambda: tracked.position(state.step_in_epoch))
                     self.metrics.reset_window()
+                    if self.early_stopped:
+                        break
                 if (save or agreed.save) and step < self.total_steps:
                     self.checkpointer.save(state, tracked.position(state.step_in_epoch))
                     self.metrics.reset_window()
             stepper.detach()
-            if stopped:
+            if stopped or self.early_stopped:
                 break
             if state.step_in_epoch >= self.steps_per_epoch:  # -- the epoch's end: evaluate
-                self.evaluator.run(state.step, state.epoch + 1)
+                self.early_stopped = self.evaluate(lambda: tracked.position(state.step_in_epoch))
                 state.epoch, state.step_in_epoch, tracked = state.epoch + 1, 0, None
+                if self.early_stopped:
+                    break
         return self.end(stopped, tracked)
+
+    def evaluate(self, position) -> bool:
+        """Evaluate now; the checkpointer keeps the best model. True: stop early (patience spent)."""
+        record = self.evaluator.run(self.state.step, self.state.epoch + 1)
+        stop = self.checkpointer.track_best(record, self.state, position)
+        if stop:
+            best = self.checkpointer.best
+            self.log(f"early stop: {best['evals_since']} evaluations without a better val {best['metric']} "
+                     f"than {best['value']:.4f} at step {best['step']}")
+        return stop
 
     def epoch_batches(self, loader_state) -> tuple[ckpt.TrackedIterator, itertools.islice]:
         """This epoch's batches from the step it continues at, and the tracker of positions."""
@@ -225,8 +240,8 @@ class Trainer:
             self.checkpointer.save(state, position())
             return self.finish(stopped=True)
         if self.evaluator.last_step() != state.step:
-            self.evaluator.run(state.step, state.epoch + 1)
-        if self.cfg.checkpoint.at_end and state.step > 0:
+            self.evaluate(position)
+        if self.cfg.checkpoint.at_end and state.step > 0 and self.checkpointer.last_saved_step != state.step:
             self.checkpointer.save(state, position())
         return self.finish()
 
@@ -235,7 +250,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         skipped = self.health.report_skipped(self.state.step)  # collective: before rank 0 alone writes
         nan = float("nan")
-        final = self.evaluator.results[-1] if self.evaluator.results else {"val_auc": nan, "val_logloss": nan, "val_rows": 0}
+        final = self.evaluator.results[-1] if self.evaluator.results else {
+            "val_auc": nan, "val_logloss": nan, "val_ne": nan, "val_calibration": nan, "val_rows": 0}
         rate = self.trained_samples / self.train_seconds if self.train_seconds > 0 else 0.0
         summary = {
             "world_size": env.world_size,
@@ -253,11 +269,16 @@ class Trainer:
             "last_loss": self.last_loss,
             "val_auc": final["val_auc"],
             "val_logloss": final["val_logloss"],
+            "val_ne": final["val_ne"],
+            "val_calibration": final["val_calibration"],
             "val_rows": final["val_rows"],
             "evals": self.evaluator.results,
             "plan_file": self.plan_path,
             "skipped": skipped,  # data.skip_bad_row_groups: totals over all ranks, and the entries
             "checkpoint": ckpt.latest(cfg.checkpoint_dir),
+            "early_stopped": self.early_stopped,
+            # checkpoint.best_metric: the best evaluation's checkpoint (deepfm-predict / -export's default)
+            "best": self.checkpointer.best,
             "config": cfg.to_dict(),
         }
         oracle = find_oracle(cfg.data.val)
@@ -274,10 +295,18 @@ class Trainer:
                 ("last loss", f"{self.last_loss:.4f}"),
                 ("val AUC", f"{final['val_auc']:.4f}"),
                 ("val logloss", f"{final['val_logloss']:.4f}"),
+                ("val NE", f"{final['val_ne']:.4f}"),
+                ("val calibration", f"{final['val_calibration']:.3f}"),
             ]
             if oracle is not None:
                 rows.append(("oracle val AUC", f"{oracle.get('val_auc', nan):.4f}"))
                 rows.append(("oracle val logloss", f"{oracle.get('val_logloss', nan):.4f}"))
+            best = self.checkpointer.best
+            if best and best.get("checkpoint"):
+                rows.append(("best checkpoint", f"{os.path.join(cfg.checkpoint_dir, best['checkpoint'])} "
+                                                f"(val {best['metric']} {best['value']:.4f}, step {best['step']})"))
+            if self.early_stopped:
+                rows.append(("early stopped", f"after {best['evals_since']} evaluations without improving"))
             rows.append(("summary", os.path.join(cfg.run_dir, "summary.json")))
             self.log("\n".join(f"{k:<20} {v}" for k, v in rows))
         return summary

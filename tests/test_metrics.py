@@ -35,3 +35,26 @@ def test_logloss_from_logits():
     p = torch.sigmoid(logits.double())
     expected = -(labels * p.log() + (1 - labels) * (1 - p).log()).mean()
     assert math.isclose(logloss(logits, labels), float(expected), rel_tol=1e-12)
+
+
+def test_normalized_entropy_and_calibration_against_numpy():
+    """NE = logloss / H(CTR), calibration = mean prediction / CTR, computed directly in numpy."""
+    import numpy as np
+
+    from deepfm_dist.metrics import calibration, normalized_entropy
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(5000) < 0.2).astype(np.float64)
+    z = rng.normal(size=5000) + 1.5 * y - 1.0
+    p = 1 / (1 + np.exp(-z))
+    ctr = y.mean()
+    ll = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    ne = ll / -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr))
+    logits, labels = torch.from_numpy(z), torch.from_numpy(y)
+    assert math.isclose(normalized_entropy(logits, labels), ne, rel_tol=1e-9)
+    assert math.isclose(calibration(logits, labels), p.mean() / ctr, rel_tol=1e-9)
+    # Predicting the base rate everywhere: NE 1, calibration 1.
+    base = torch.full((5000,), math.log(ctr / (1 - ctr)), dtype=torch.float64)
+    assert math.isclose(normalized_entropy(base, labels), 1.0, rel_tol=1e-9)
+    assert math.isclose(calibration(base, labels), 1.0, rel_tol=1e-9)
+    assert math.isnan(normalized_entropy(logits, torch.zeros(5000))) and math.isnan(calibration(logits, torch.zeros(5000)))

@@ -160,11 +160,15 @@ def test_distributed_auc_equals_single_process_reference():
     labels = torch.cat([_rank_predictions(0)[1], _rank_predictions(1)[1]])
     from deepfm_dist.metrics import exact_auc, logloss
 
+    p, probs = labels.double().mean().item(), torch.sigmoid(logits.double())
     for rank in (0, 1):
-        auc, ll, n = result[rank]
-        assert n == logits.numel()
-        assert math.isclose(auc, exact_auc(logits, labels), rel_tol=1e-12)
-        assert math.isclose(ll, logloss(logits, labels), rel_tol=1e-12)
+        m = result[rank]
+        assert m["rows"] == logits.numel()
+        assert math.isclose(m["auc"], exact_auc(logits, labels), rel_tol=1e-12)
+        assert math.isclose(m["logloss"], logloss(logits, labels), rel_tol=1e-12)
+        # NE and calibration over the union of both ranks' rows (not a mean of per-rank values)
+        assert math.isclose(m["ne"], m["logloss"] / -(p * math.log(p) + (1 - p) * math.log(1 - p)), rel_tol=1e-12)
+        assert math.isclose(m["calibration"], probs.mean().item() / p, rel_tol=1e-12)
 
 
 def _rank_predictions(rank: int):
@@ -177,10 +181,10 @@ def _rank_predictions(rank: int):
 
 def _auc_worker():
     from deepfm_dist.distributed.env import destroy, init_distributed
-    from deepfm_dist.metrics import global_auc_logloss
+    from deepfm_dist.metrics import global_metrics
 
     env = init_distributed("cpu")
-    out = global_auc_logloss(*_rank_predictions(env.rank))
+    out = global_metrics(*_rank_predictions(env.rank))
     destroy()
     return out
 
