@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffle-buffer", type=int, default=DataConfig.shuffle_buffer,
                         help="data.shuffle_buffer")
     parser.add_argument("--no-shuffle", action="store_true", help="data.shuffle=false")
+    parser.add_argument("--vocab", metavar="DIR", help="also time the loader mapping ids through this vocabulary "
+                        "(data.vocab; prepare-criteo --vocab-threshold output) instead of hashing, alternating")
     parser.add_argument("--repeats", type=int, default=5, help="measured passes of each (default 5)")
     parser.add_argument("--e2e", action="store_true",
                         help="also run a 2-rank CPU training on the data and report the share of "
@@ -149,10 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up: page cache, imports, allocator.
     _raw_pass(files, columns, args.row_group_size)
     _loader_pass(loader, 0)
-    raw_runs, loader_runs = [], []
+    vocab_loader = None
+    if args.vocab:
+        from dataclasses import replace
+
+        from deepfm_dist.data.vocab import resolve
+
+        vocab_loader = ParquetLoader(files, resolve(replace(cfg, vocab=args.vocab)), batch_size=args.batch_size,
+                                     rank=0, world_size=1, train=True, seed=0)
+        _loader_pass(vocab_loader, 0)
+    raw_runs, loader_runs, vocab_runs = [], [], []
     for r in range(args.repeats):
         raw_runs.append(_raw_pass(files, columns, args.row_group_size))
         loader_runs.append(_loader_pass(loader, r + 1))
+        if vocab_loader is not None:
+            vocab_runs.append(_loader_pass(vocab_loader, r + 1))
     raw_rows, loader_rows = raw_runs[0][0], loader_runs[0][0]
     raw_rate = max(n / s for n, s in raw_runs)
     processes = max(1, args.workers)
@@ -176,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{raw_rate:>16,.0f} {1.0:>7.2f}")
     print(f"{'ParquetLoader -> Batch':<34} {loader_rows:>12,} {min(s for _, s in loader_runs):>8.3f} "
           f"{loader_rate:>16,.0f} {ratio:>7.2f}")
+    if vocab_runs:
+        vocab_rate = max(n / s for n, s in vocab_runs) / processes
+        print(f"{'ParquetLoader, data.vocab':<34} {vocab_runs[0][0]:>12,} {min(s for _, s in vocab_runs):>8.3f} "
+              f"{vocab_rate:>16,.0f} {vocab_rate / raw_rate:>7.2f}")
     result = {
         "raw_rows_per_s": round(raw_rate),
         "loader_rows_per_s": round(loader_rate),
@@ -185,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "shuffle": not args.no_shuffle,
         "rows": loader_rows,
     }
+    if vocab_runs:
+        result["loader_vocab_rows_per_s"] = round(vocab_rate)
     if args.e2e:
         e2e = _e2e(train_spec, val_spec, args, extra)
         print()

@@ -29,7 +29,7 @@ SHARDING_TYPES = (
 EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam")
 CPU_EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 LR_DECAYS = ("none", "step", "linear", "cosine")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 BEST_METRICS = ("auc", "logloss", "ne", "none")
 HARDWARE_NAMES = ("auto", "a100-80g", "h100-80g", "h200-141g")  # distributed/planning.py: HARDWARE
@@ -75,6 +75,15 @@ class DataConfig:
     """Optional per-column table sizes (same order as ``sparse``); overrides ``num_embeddings``."""
     hash_seed: int = 0
     """Salt of the id hash; changing it re-maps every id (and invalidates trained tables)."""
+    vocab: str = ""
+    """prepare-criteo's output directory (or its vocab/) built with --vocab-threshold: map each
+    sparse column's raw ids through its frequency-threshold vocabulary instead of hashing (values
+    seen fewer than the threshold times in train, and unseen ones, share row 0; nulls get the
+    vocabulary's null row). Table sizes then come from its manifest unless
+    ``num_embeddings_per_feature`` gives them. Integer (single-valued) columns only."""
+    vocab_sha256: str = ""
+    """Set by the run from ``vocab``'s files (leave it empty): checkpoints and exported models
+    carry it, and prediction refuses a vocabulary whose content differs."""
     shuffle: bool = True
     """Training: shuffle the row-group order each epoch (by train.seed and the epoch) and the
     rows within the shuffle buffer; false reads the files in order. Evaluation never shuffles."""
@@ -371,7 +380,9 @@ class TrainConfig:
     with fp32 accumulation; weights, optimizer state, embeddings, FM term and loss stay fp32).
     On CUDA, and on CPUs whose oneDNN runs bf16 natively (AVX512-BF16 or AMX: Zen 4/5,
     Sapphire Rapids and later), where it doubles the MLP's matmul rate; elsewhere the run stops
-    at start-up naming this key."""
+    at start-up naming this key. auto: bf16 where it is native (GPUs from Ampere on, such CPUs),
+    else fp32; the run records what it chose. The default stays fp32 until auto's quality has
+    been measured against it on hardware with native bf16."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(rest)
     except ConfigError as e:
         p.error(str(e))
+    if cfg.data.vocab:  # the vocabulary's table sizes, as training takes them
+        from deepfm_dist.data.vocab import VocabError, resolve
+
+        try:
+            cfg.data = resolve(cfg.data)
+        except VocabError as e:
+            p.error(str(e))
     cluster = cluster_from_args(args, cfg, p.error)
 
     from deepfm_dist.distributed.planning import PlanFailed, format_report, plan_tables

@@ -373,6 +373,13 @@ def prepare(args: PredictOptions) -> Setup:
     except RuntimeError as e:
         raise InputError(f"--device={args.device}: {e}") from None
     cfg = source.cfg
+    if cfg.data.vocab:  # the model's ids come through this vocabulary: it must be the same one
+        from deepfm_dist.data.vocab import VocabError, resolve
+
+        try:
+            cfg.data = resolve(cfg.data)
+        except VocabError as e:
+            raise InputError(f"--model {source.path}: {e}") from None
     batch_size = args.batch_size or cfg.train.val_batch_size or cfg.train.batch_size
     try:
         loader = ParquetLoader(

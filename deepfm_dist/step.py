@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
@@ -23,10 +24,26 @@ def build_model(cfg: Config) -> DeepFMTrain:
 def autocast(device: torch.device, precision: str):
     """bf16 autocast of the dense compute (CUDA, or CPU: the MLP's oneDNN Linear layers follow
     it, see model/linear.py); a no-op context for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device.type) == "bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16(device_type: str) -> bool:
+    """bf16 runs natively here: a GPU from Ampere (sm_80) on, or a CPU with AVX512-BF16 / AMX."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability() >= (8, 0)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``train.precision`` as run: auto -> bf16 where it is native, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device_type) else "fp32"
 
 
 def check_precision(precision: str, device_type: str) -> None:
+    precision = resolve_precision(precision, device_type)
     """Fail at start-up when bf16 would be emulated: on a CPU without native bf16 (AVX512-BF16
     or AMX) oneDNN's bf16 matmuls are slower than fp32, and a GPU before Ampere (sm_80) has no
     bf16 tensor cores (``torch.cuda.is_bf16_supported()`` still says True there), so asking for

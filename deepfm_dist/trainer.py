@@ -18,6 +18,7 @@ from typing import Callable
 from deepfm_dist import checkpoint as ckpt
 from deepfm_dist.config import Config
 from deepfm_dist.data import ParquetLoader, resolve_parquet_paths
+from deepfm_dist.data import vocab as data_vocab
 from deepfm_dist.data.loader import auto_num_workers
 from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, setup_cpu_rank
 from deepfm_dist.distributed.planning import format_report
@@ -29,7 +30,7 @@ from deepfm_dist.logs import MetricsLogger, RankLogger, quiet_library_noise
 from deepfm_dist.model import table_name
 from deepfm_dist.model.build import table_names
 from deepfm_dist.optim import build_optimizers, check_embedding_optimizer, lr_factor, set_learning_rates
-from deepfm_dist.step import Stepper, build_model, check_precision
+from deepfm_dist.step import Stepper, build_model, check_precision, resolve_precision
 from deepfm_dist.versions import check_torchrec
 
 
@@ -54,6 +55,8 @@ def train(cfg: Config) -> dict:
     """Run training as configured; every rank returns the same summary dict."""
     quiet_library_noise()
     check_torchrec()
+    # data.vocab: the table sizes and the content hash the checkpoints will carry
+    cfg.data = data_vocab.resolve(cfg.data)
     # Resolve paths and read the Parquet footers before joining the process group: every
     # rank checks the same files, so bad input fails all ranks alike, before any collective.
     train_files = resolve_parquet_paths(cfg.data.train, "data.train")
@@ -91,6 +94,9 @@ class Trainer:
         self.cfg, self.env, self.step_hooks = cfg, env, step_hooks
         self.log = RankLogger(env)
         check_embedding_optimizer(cfg.optimizer, env.device.type)
+        if cfg.train.precision == "auto":
+            cfg.train.precision = resolve_precision("auto", env.device.type)
+            self.log(f"train.precision=auto: {cfg.train.precision} on this {env.device.type}")
         check_precision(cfg.train.precision, env.device.type)
         self.threads, self.cores = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)
         self.train_reader = make_reader(cfg, env, train_files, train=True)

@@ -188,3 +188,20 @@ def test_unsupported_torchrec_release_is_refused_at_start_up(monkeypatch):
     monkeypatch.delattr(CombinedOptimizer, "set_optimizer_step")
     with pytest.raises(RuntimeError, match="lacks what this code uses: CombinedOptimizer.set_optimizer_step"):
         versions.check_torchrec()
+
+
+def test_precision_auto_takes_bf16_only_where_it_is_native(monkeypatch):
+    from deepfm_dist import step
+
+    step.native_bf16.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert step.resolve_precision("auto", "cuda") == "bf16"
+    step.native_bf16.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert step.resolve_precision("auto", "cuda") == "fp32"
+    step.native_bf16.cache_clear()
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert step.resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert step.resolve_precision("fp32", "cuda") == "fp32" and step.resolve_precision("bf16", "cpu") == "bf16"
+    step.check_precision("auto", "cpu")  # never refused: auto falls back to fp32
+    step.native_bf16.cache_clear()

@@ -17,12 +17,12 @@ from tests.conftest import small_args
 WORLD_OF_ONE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def main(args: list[str]) -> dict:
-    """deepfm-train in this process, a world of one on a fresh port each time."""
+def main(args: list[str], fn=None):
+    """deepfm-train (or ``fn``) in this process, a world of one on a fresh port each time."""
     import os
 
     try:
-        return _main(args)
+        return (fn or _main)(args)
     finally:
         for key in WORLD_OF_ONE:
             os.environ.pop(key, None)
@@ -122,3 +122,64 @@ def test_day_by_day_trains_each_day_from_the_previous_and_scores_the_next(tiny_d
     assert done.returncode == 0, done.stderr
     assert (run / "day_1" / "summary.json").stat().st_mtime == mtime
     assert json.loads((run / "days.json").read_text())["days"] == table
+
+
+def test_criteo_recipe_with_a_vocabulary_end_to_end(tmp_path):
+    """Kaggle-format TSV -> prepare-criteo --split kaggle --vocab-threshold -> train the
+    deepfm_criteo_x1 preset with data.vocab (table sizes from the manifest) -> predict (AUC, NE,
+    calibration) on the test split; a changed vocabulary at prediction and a column without one
+    are refused by name."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from deepfm_dist import predict
+    from deepfm_dist.data.vocab import VocabError, resolve, vocab_dir
+    from deepfm_dist.config import DataConfig
+    from deepfm_dist.prepare.criteo import main as prepare
+    from deepfm_dist.prepare.synth_tsv import write_tsv
+
+    tsv = tmp_path / "train.txt"
+    write_tsv(str(tsv), 3_000_000, seed=5)  # ~12k lines
+    out = tmp_path / "kaggle"
+    assert prepare(["--input", str(tsv), "--output", str(out), "--split", "kaggle", "--vocab-threshold", "2",
+                    "--workers", "1", "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = manifest["vocab"]["num_embeddings_per_feature"]
+    run = tmp_path / "run"
+    # The published-recipe preset, scaled down by data and steps; its table optimizer, Adam, is
+    # GPU-only (FBGEMM), so CPU ranks take row-wise Adagrad as the preset says.
+    s = main(["--config", "deepfm_criteo_x1", f"--data.train={out}/train", f"--data.val={out}/val",
+              f"--run_dir={run}", f"--data.vocab={out}", "--optimizer.embedding=rowwise_adagrad",
+              "--optimizer.embedding_lr=0.05", "--train.epochs=2", "--train.batch_size=512", "--train.progress=false"])
+    assert s["config"]["data"]["num_embeddings_per_feature"] == sizes and len(s["config"]["data"]["vocab_sha256"]) == 64
+    assert all(k in s for k in ("val_auc", "val_ne", "val_calibration"))
+    plan = json.loads((run / "plan.json").read_text())
+    assert [t["rows"] for t in plan["tables"]] == sizes  # the tables are the vocabulary's size
+    # Ids really go through the vocabulary: a frequent value's row is its id.
+    vocab_c1 = pq.read_table(os.path.join(vocab_dir(str(out)), "C1.parquet")).to_pydict()
+    cfg = resolve(DataConfig(train=[f"{out}/train"], val=[f"{out}/val"], vocab=str(out)))
+    from deepfm_dist.data.columns import Layout, convert
+
+    table = pq.read_table(next((out / "train").glob("*.parquet")))
+    rows = convert(table, Layout.from_config(cfg), "t")
+    top = vocab_c1["value"][0]
+    raw_c1 = table.column("C1").to_pylist()
+    at = raw_c1.index(top) if top in raw_c1 else None
+    assert at is not None and rows.ids[0][at] == vocab_c1["id"][0] == 1
+    # Predict on the test split with the model's vocabulary: metrics reported.
+    preds = tmp_path / "preds"
+    assert main(["--model", str(run / "checkpoints"), "--data", f"{out}/test", "--out", str(preds)], predict.main) == 0
+    summary = json.loads((preds / "_summary.json").read_text())
+    assert summary["rows"] == manifest["splits"]["test"]["rows"] and {"auc", "ne", "calibration"} <= set(summary)
+    # The vocabulary changed under the same path: prediction stops naming both hashes.
+    c2 = os.path.join(vocab_dir(str(out)), "C2.parquet")
+    t = pq.read_table(c2)
+    pq.write_table(t.slice(0, t.num_rows - 1), c2)
+    with pytest.raises(SystemExit):
+        main(["--model", str(run / "checkpoints"), "--data", f"{out}/test", "--out", str(tmp_path / "p2")], predict.main)
+    with pytest.raises(VocabError, match="not the vocabulary this model was trained with"):
+        resolve(DataConfig(train=["x"], val=["x"], vocab=str(out), vocab_sha256=s["config"]["data"]["vocab_sha256"]))
+    os.remove(os.path.join(vocab_dir(str(out)), "C26.parquet"))
+    with pytest.raises(VocabError, match="no vocabulary for column C26"):
+        resolve(DataConfig(train=["x"], val=["x"], vocab=str(out)))

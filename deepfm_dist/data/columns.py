@@ -37,6 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from deepfm_dist.config import DataConfig
 from deepfm_dist.data.batch import Batch
+from deepfm_dist.data import vocab as data_vocab
 from deepfm_dist.data.hashing import hash_ids, hash_strings
 from deepfm_dist.data.schema import is_string
 
@@ -246,6 +247,7 @@ class Layout:
     hash_seed: int
     log1p: bool
     passthrough: pa.Schema | None = None  # pass-through columns and their (decoded) types
+    vocab: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # data.vocab: column -> (values, ids)
 
     @property
     def num_dense(self) -> int:
@@ -287,6 +289,7 @@ class Layout:
             scalar=scalar, jagged=jagged, weights_of=dict(cfg.weighted),
             num_embeddings=cfg.table_sizes(), hash_seed=cfg.hash_seed,
             log1p=cfg.dense_transform == "log1p", passthrough=passthrough,
+            vocab=data_vocab.load(cfg.vocab) if cfg.vocab else None,
         )
 
 
@@ -462,12 +465,21 @@ def convert(
 
     def scalar(k: int) -> None:
         name = layout.scalar[k]
-        raw, valid = _raw_ids(_array(table, name))
-        if order is None:
+        arr = _array(table, name)
+        if layout.vocab is not None:
+            if is_string(arr.type):
+                raise BadRowsError(f"{where}: column {name!r} holds strings; data.vocab maps integer ids "
+                                   f"(prepare-criteo's output)")
+            raw, valid = _raw_ids(arr)
+            mapped = data_vocab.map_ids(layout.vocab[name], raw, valid)
+            ids[k] = mapped if order is None else np.take(mapped, order)
+        elif order is None:
+            raw, valid = _raw_ids(arr)
             hash_ids(raw, valid, layout.num_embeddings[name], salt=layout.hash_seed, out=ids[k])
         else:
             # Hash in file order (streaming reads), then permute the result while it is
             # still in cache; gathering the raw values at random would miss the cache.
+            raw, valid = _raw_ids(arr)
             hashed = hash_ids(raw, valid, layout.num_embeddings[name], salt=layout.hash_seed)
             np.take(hashed, order, out=ids[k], mode="clip")
         if name in layout.weights_of:
