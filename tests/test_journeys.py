@@ -140,8 +140,10 @@ def summary(run_dir: Path) -> dict:
 
 
 def assert_same_weights(a: str | Path, b: str | Path) -> None:
-    wa, _, _ = consolidate(str(a))
-    wb, _, _ = consolidate(str(b))
+    """The latest checkpoints of two folders hold the same tensors (a folder alone would
+    resolve to its best checkpoint, which may be an earlier one)."""
+    wa, _, _ = consolidate(ckpt.latest(str(a)))
+    wb, _, _ = consolidate(ckpt.latest(str(b)))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

@@ -51,8 +51,8 @@ def test_pipeline_equals_plain_loop(tiny_data, tmp_path):
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert [e["val_auc"] for e in pipe["evals"]] == [e["val_auc"] for e in plain["evals"]]
     assert len(pipe["evals"]) == 3  # steps 20, 40 and the end of the epoch (46)
-    a, _, _ = consolidate(str(tmp_path / "pipe" / "checkpoints"))
-    b, _, _ = consolidate(str(tmp_path / "plain" / "checkpoints"))
+    a, _, _ = consolidate(ckpt.latest(str(tmp_path / "pipe" / "checkpoints")))
+    b, _, _ = consolidate(ckpt.latest(str(tmp_path / "plain" / "checkpoints")))
     assert_same_weights(a, b)
 
 
@@ -75,8 +75,8 @@ def test_exact_resume_and_reshard(tiny_data, tmp_path):
     want, got = losses(straight), losses(resumed)
     assert set(want) == set(got) and max(want) == 60
     assert want == got, "resumed loss curve differs from the uninterrupted one"
-    s, _, _ = consolidate(str(straight / "checkpoints"))
-    r, _, meta = consolidate(str(resumed / "checkpoints"))
+    s, _, _ = consolidate(ckpt.latest(str(straight / "checkpoints")))
+    r, _, meta = consolidate(ckpt.latest(str(resumed / "checkpoints")))
     assert meta["step"] == 60
     assert_same_weights(s, r)  # bitwise on CPU
 
@@ -88,9 +88,25 @@ def test_exact_resume_and_reshard(tiny_data, tmp_path):
     assert result["steps"] == 60 and result["world_size"] == 1
     straight_summary = json.loads((straight / "summary.json").read_text())
     assert math.isclose(result["val_auc"], straight_summary["val_auc"], rel_tol=1e-6)
-    one_rank, _, _ = consolidate(str(straight / "checkpoints"))  # re-saved by the 1-rank run
+    one_rank, _, _ = consolidate(ckpt.latest(str(straight / "checkpoints")))  # re-saved by the 1-rank run
     assert_same_weights(s, one_rank)
     assert all(p["sharding"] == "row_wise" for p in json.loads((reshard / "plan.json").read_text())["tables"])
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no native bf16 on this CPU")
+def test_exact_resume_in_bf16(tiny_data, tmp_path):
+    """Within one precision a resume is still bitwise: bf16 autocast of the forward included."""
+    data, _ = tiny_data
+    common = ("--train.precision=bf16", "--checkpoint.every_steps=10")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(main, (small_args(data, straight, "--train.max_steps=40", *common),), nproc=2)
+    launch(main, (small_args(data, resumed, "--train.max_steps=20", *common),), nproc=2)
+    launch(main, (small_args(data, resumed, "--train.max_steps=40", "--resume", *common),), nproc=2)
+    assert losses(straight) == losses(resumed)
+    s, _, _ = consolidate(ckpt.latest(str(straight / "checkpoints")))
+    r, _, meta = consolidate(ckpt.latest(str(resumed / "checkpoints")))
+    assert meta["step"] == 40
+    assert_same_weights(s, r)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(tiny_data, tmp_path):
