@@ -205,3 +205,41 @@ def test_precision_auto_takes_bf16_only_where_it_is_native(monkeypatch):
     assert step.resolve_precision("fp32", "cuda") == "fp32" and step.resolve_precision("bf16", "cpu") == "bf16"
     step.check_precision("auto", "cpu")  # never refused: auto falls back to fp32
     step.native_bf16.cache_clear()
+
+
+def test_autocast_covers_the_forward_only():
+    """PyTorch's autocast guidance: the forward under autocast, backward and the optimizer step
+    outside it (Stepper; the pipeline takes the same forward through custom_model_fwd)."""
+    from deepfm_dist.step import Stepper
+
+    seen = {}
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen["backward"] = torch.is_autocast_enabled("cpu")
+            return grad * 2
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, batch):
+            seen["forward"] = torch.is_autocast_enabled("cpu")
+            loss = Probe.apply(self.w * batch).sum()
+            return loss, None
+
+    class Opt(torch.optim.SGD):
+        def step(self, closure=None):
+            seen["step"] = torch.is_autocast_enabled("cpu")
+            return super().step(closure)
+
+    model = Model()
+    stepper = Stepper(model, Opt(model.parameters(), lr=0.1), torch.device("cpu"), "bf16", pipelined=False)
+    stepper(iter([torch.ones(3)]))
+    assert seen == {"forward": True, "backward": False, "step": False}
