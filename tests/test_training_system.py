@@ -56,7 +56,7 @@ def test_pipeline_equals_plain_loop(tiny_data, tmp_path):
     assert_same_weights(a, b)
 
 
-def test_exact_resume_and_reshard(tiny_data, tmp_path):
+def test_exact_resume_across_an_epoch_boundary(tiny_data, tmp_path):
     data, _ = tiny_data
     # The decay span is explicit: "until the last step" would differ between the 30- and
     # 60-step jobs (a real schedule is fixed by the total run, not by where a job stops).
@@ -80,17 +80,8 @@ def test_exact_resume_and_reshard(tiny_data, tmp_path):
     assert meta["step"] == 60
     assert_same_weights(s, r)  # bitwise on CPU
 
-    # Resharding: the 2-rank table-wise checkpoint of step 60 into 1 rank, row-wise.
-    reshard = tmp_path / "reshard"
-    args = small_args(data, reshard, "--train.max_steps=60", "--resume", "--sharding.type=row_wise",
-                      f"--checkpoint.dir={straight / 'checkpoints'}", "--checkpoint.keep=10", *common)
-    result = launch(main, (args,), nproc=1)[0]
-    assert result["steps"] == 60 and result["world_size"] == 1
-    straight_summary = json.loads((straight / "summary.json").read_text())
-    assert math.isclose(result["val_auc"], straight_summary["val_auc"], rel_tol=1e-6)
-    one_rank, _, _ = consolidate(ckpt.latest(str(straight / "checkpoints")))  # re-saved by the 1-rank run
-    assert_same_weights(s, one_rank)
-    assert all(p["sharding"] == "row_wise" for p in json.loads((reshard / "plan.json").read_text())["tables"])
+    # Resharding (2 ranks table-wise -> 1 rank row-wise) is a journey of the default
+    # configuration: test_journeys.py::test_resume_on_one_rank_with_another_sharding.
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no native bf16 on this CPU")
