@@ -174,12 +174,14 @@ def pipeline_verdict(ctx: Ctx, _outputs) -> tuple[str, dict]:
 def adam_verdict(ctx: Ctx, _outputs) -> tuple[str, dict]:
     import torch
 
+    from deepfm_dist import checkpoint as ckpt
     from deepfm_dist.export import consolidate
 
     trained(ctx, "adam_straight", 2 * HALF)
     trained(ctx, "adam_resumed", 2 * HALF)
-    a, _, _ = consolidate(os.path.join(ctx.run_dir("adam_straight"), "checkpoints"))
-    b, _, _ = consolidate(os.path.join(ctx.run_dir("adam_resumed"), "checkpoints"))
+    # the latest checkpoints: a folder would resolve to its best one, which may be step HALF
+    a, _, _ = consolidate(ckpt.latest(os.path.join(ctx.run_dir("adam_straight"), "checkpoints")))
+    b, _, _ = consolidate(ckpt.latest(os.path.join(ctx.run_dir("adam_resumed"), "checkpoints")))
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     if differ:
