@@ -13,6 +13,7 @@ MODES = {
     "ceiling": ("benchmarks.ceiling", "the MLP alone in one process on all cores (compute ceiling)"),
     "baseline": ("benchmarks.baseline", "plain single-process PyTorch DeepFM (nn.EmbeddingBag, sparse grads)"),
     "prepare": ("benchmarks.prepare", "prepare-criteo's converter: GB/s and peak memory on a generated TSV"),
+    "plans": ("benchmarks.plans", "sharding plans for Criteo 1TB on GPU clusters (deepfm-plan's function), a report"),
     "gpu_check": ("benchmarks.gpu_check", "GPU acceptance: every GPU path end to end, PASS/FAIL per check"),
     "compare": ("benchmarks.compare", "ceiling, baseline, step (1 and 2 ranks), e2e in one run; ratios vs targets"),
 }

@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
                "see deepfm-train --help.")
     p.add_argument("--hardware", choices=[*HARDWARE_NAMES[1:], "cpu"], help="a preset: device, memory per rank, ranks per node "
                    "and the planner's bandwidths (docs/planning.md gives the sources)")
-    p.add_argument("--device", choices=("cuda", "cpu"), help="the ranks' device (default: the preset's, else cpu)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="the ranks' device (default: the preset's, else cpu); "
+                   "cuda without --hardware or --hbm-gib: this machine's GPUs, as a training run here sees them")
     p.add_argument("--world-size", type=int, metavar="N", help="ranks in all (or --nodes x --ranks-per-node)")
     p.add_argument("--nodes", type=int, metavar="N", help="nodes, with --ranks-per-node (default: the preset's)")
     p.add_argument("--ranks-per-node", type=int, metavar="N",
@@ -54,10 +55,12 @@ def parser() -> argparse.ArgumentParser:
 def cluster_from_args(args: argparse.Namespace, cfg, error) -> object:
     from deepfm_dist.distributed.planning import GIB, HARDWARE, Cluster, cpu_budget_bytes
 
-    hw = HARDWARE[args.hardware] if args.hardware else None
+    hw = HARDWARE[args.hardware] if args.hardware else (
+        HARDWARE[cfg.sharding.hardware] if cfg.sharding.hardware != "auto" else None)
     device = args.device or (hw.device if hw else "cpu")
     if hw is not None and hw.device != device:
-        error(f"--device {device} contradicts --hardware {args.hardware} ({hw.device})")
+        error(f"--device {device} contradicts the hardware preset {hw.name} ({hw.device}; --hardware or "
+              f"sharding.hardware)")
     for flag, value in (("--world-size", args.world_size), ("--nodes", args.nodes),
                         ("--ranks-per-node", args.ranks_per_node)):
         if value is not None and value < 1:
@@ -82,10 +85,18 @@ def cluster_from_args(args: argparse.Namespace, cfg, error) -> object:
         error("give --world-size N, or --nodes N (with --ranks-per-node or a --hardware preset)")
     if per_node > world:
         error(f"--ranks-per-node {per_node} > world size {world}")
+    if device == "cuda" and not (hw or args.hbm_gib or cfg.sharding.hbm_gb):
+        # No preset and no size: the GPUs of this machine, described as a training run here
+        # describes them (slurm/train.sbatch checks the plan this way before the job starts).
+        import torch
+
+        from deepfm_dist.distributed.planning import cluster_of_run
+
+        if not torch.cuda.is_available():
+            error("--device cuda: give --hardware (a preset) or --hbm-gib (no GPU here to describe)")
+        return cluster_of_run(cfg, world, per_node, torch.device("cuda", 0))
     if device == "cuda":
-        hbm_gib = args.hbm_gib or cfg.sharding.hbm_gb or (hw.hbm_gib if hw else None)
-        if hbm_gib is None:
-            error("--device cuda: give --hardware (a preset) or --hbm-gib")
+        hbm_gib = args.hbm_gib or cfg.sharding.hbm_gb or hw.hbm_gib
         hbm = int(hbm_gib * GIB)
         ddr = int((args.ddr_gib if args.ddr_gib is not None else (hw.ddr_gib if hw else 128)) * GIB)
         return Cluster(world, per_node, "cuda", hbm, ddr, hw)
@@ -97,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if a.startswith("-") and not (a.startswith("--config") or "." in a.split("=")[0])]
+    from deepfm_dist.config import TOP_LEVEL
+
+    def config_key(arg: str) -> bool:
+        name = arg[2:].split("=")[0]
+        return arg.startswith("--") and ("." in name or name in (*TOP_LEVEL, "config"))
+
+    bad = [a for a in rest if a.startswith("-") and not config_key(a)]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (configuration keys look like --section.key=value)")
     try:

@@ -59,10 +59,8 @@ def fake_slurm_bin(tmp_path: Path, nodes: int) -> Path:
     return bin_dir
 
 
-def test_sbatch_launch_logic_two_fake_nodes(tiny_data, tmp_path):
-    data, _ = tiny_data
-    run_dir = tmp_path / "run"
-    env = {
+def sbatch_env(tmp_path: Path, run_dir: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "PATH": f"{fake_slurm_bin(tmp_path, 2)}:{os.environ['PATH']}",
         "SLURM_JOB_ID": "4242",
@@ -76,6 +74,12 @@ def test_sbatch_launch_logic_two_fake_nodes(tiny_data, tmp_path):
         "RUN_DIR": str(run_dir),
         "OMP_NUM_THREADS": "1",
     }
+
+
+def test_sbatch_launch_logic_two_fake_nodes(tiny_data, tmp_path):
+    data, _ = tiny_data
+    run_dir = tmp_path / "run"
+    env = sbatch_env(tmp_path, run_dir)
     args = [a for a in small_args(data, run_dir, "--train.epochs=1") if not a.startswith("--run_dir")]
     result = subprocess.run(["bash", str(ROOT / "slurm/train.sbatch"), *args], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
@@ -83,3 +87,18 @@ def test_sbatch_launch_logic_two_fake_nodes(tiny_data, tmp_path):
     assert "job 4242, 2 nodes, head 127.0.0.1" in result.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == (24_000 // 2) // 256
+
+
+def test_sbatch_stops_when_the_tables_do_not_fit_the_allocation(tiny_data, tmp_path):
+    """The plan check runs before any node starts: tables over 2 nodes' budget stop the job."""
+    data, _ = tiny_data
+    run_dir = tmp_path / "run"
+    args = [a for a in small_args(data, run_dir, "--data.num_embeddings=20000", "--sharding.host_memory_gb=0.01")
+            if not a.startswith("--run_dir")]
+    result = subprocess.run(["bash", str(ROOT / "slurm/train.sbatch"), *args], env=sbatch_env(tmp_path, run_dir),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "the tables do not fit" in result.stderr and "smallest world size that fits on this hardware is 4" in \
+        result.stderr, result.stderr[-3000:]
+    assert "stopped before training" in result.stderr and "2 node(s) x 1 rank(s)" in result.stderr
+    assert "job 4242, 2 nodes" not in result.stdout and not (run_dir / "summary.json").exists()  # srun never ran

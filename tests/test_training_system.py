@@ -265,3 +265,26 @@ def test_skipped_row_groups_are_totalled_over_ranks(tiny_data, tmp_path):
     assert skipped["entries"][0]["row_group"] == 2
     recorded = [r for r in read_metrics(run) if "skipped_row_groups" in r]
     assert recorded and recorded[-1]["skipped_row_groups"] == 1 and recorded[-1]["skipped_rows"] == 1_000
+
+
+def test_tables_larger_than_one_rank_train_when_sharded_over_two(tiny_data, tmp_path):
+    """The memory-critical core on CPU: tables (25.8 MiB with state) over one rank's budget
+    (sharding.host_memory_gb=0.02: 17.4 MiB usable) stop a 1-rank run at planning, naming the
+    smallest world size that fits; on 2 ranks the same configuration trains, each rank within
+    its budget."""
+    data, _ = tiny_data
+    args = ("--data.num_embeddings=20000", "--sharding.host_memory_gb=0.02", "--train.max_steps=10")
+    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    try:
+        with pytest.raises(RuntimeError, match=r"tables do not fit: they need 25.8 MiB .* 17.4 MiB of host memory "
+                                               r"each .*smallest world size that fits on this hardware is 2"):
+            main(small_args(data, tmp_path / "one", *args))
+    finally:
+        for key in env_keys:  # the world of one this process became
+            os.environ.pop(key, None)
+    launch(main, (small_args(data, tmp_path / "two", *args),), nproc=2)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    plan = json.loads((tmp_path / "two" / "plan.json").read_text())
+    assert summary["steps"] == 10 and plan["fits"] and plan["world_size"] == 2
+    usable = plan["plannable_bytes_per_rank"]["ddr"]
+    assert all(0 < r["ddr_bytes"] <= usable for r in plan["ranks"]), (plan["ranks"], usable)

@@ -49,8 +49,10 @@ from deepfm_dist.model import table_dim, table_name
 RESERVED = 0.15
 """Fraction of each rank's memory the planner leaves for everything but the tables."""
 GIB = 1024**3
-MAX_SEARCH_WORLD = 4096
+MAX_SEARCH_WORLD = 1024
 """``min_world_size`` is searched up to this many ranks (planning time grows with the world)."""
+MAX_SEARCH_SECONDS = 30.0
+"""... and for at most this long: a failed start should say so in a minute, not plan for ten."""
 MODEL_PARALLEL_TYPES = [t for t in SHARDING_TYPES if t != "data_parallel"]
 
 # The classes TorchRec's planner knows for counting optimizer state per weight (shard_estimators:
@@ -144,6 +146,11 @@ class Cluster:
                if self.device == "cuda" else f"{self.ddr_bytes / GIB:.1f} GiB host memory per rank")
         hw = self.hardware.name if self.hardware else "TorchRec's default bandwidths"
         return f"{self.world_size} {self.device} rank(s) ({nodes} node(s) x {self.local_world_size}), {mem}, {hw}"
+
+
+def size(n: float) -> str:
+    """Bytes for a message: GiB, or MiB below one GiB."""
+    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"
 
 
 def _host_memory_bytes() -> int:
@@ -267,9 +274,9 @@ def check_constraints_fit(cfg: Config, cluster: Cluster) -> None:
         if need > per_rank * ranks:
             where = "one rank" if ranks == 1 else f"{ranks} ranks"
             raise TableTooLarge(ranks > 1,
-                f"table {table_name(table)} ({table_rows(cfg)[table]:,} rows, {need / GIB:.2f} GiB with "
+                f"table {table_name(table)} ({table_rows(cfg)[table]:,} rows, {size(need)} with "
                 f"{cfg.optimizer.embedding} state) does not fit {where} under {key}={kind!r}: "
-                f"{per_rank / GIB:.2f} GiB usable per rank. Use row_wise/table_row_wise, more ranks"
+                f"{size(per_rank)} usable per rank. Use row_wise/table_row_wise, more ranks"
                 + (", sharding.allow_uvm_caching" if cluster.device == "cuda" and not uvm_caching(cfg, cluster) else "")
                 + (", or a larger sharding.host_memory_gb." if cluster.device == "cpu" else ".")
             )
@@ -419,9 +426,12 @@ def min_world_size(module: nn.Module, cfg: Config, cluster: Cluster, sharder) ->
     usable = cluster.plannable()
     per_rank = usable["ddr"] if cluster.device == "cpu" or uvm_caching(cfg, cluster) else usable["hbm"]
     fits_cache: dict[int, bool] = {}
+    deadline = time.monotonic() + MAX_SEARCH_SECONDS
 
     def fits(world: int) -> bool:
         if world not in fits_cache:
+            if time.monotonic() > deadline:
+                raise TimeoutError
             try:
                 check_constraints_fit(cfg, cluster.resized(world))
                 _plan_once(module, cfg, cluster.resized(world), sharder)
@@ -438,16 +448,20 @@ def min_world_size(module: nn.Module, cfg: Config, cluster: Cluster, sharder) ->
     if low > MAX_SEARCH_WORLD:
         return None
     high = low
-    while not fits(high):
-        if high >= MAX_SEARCH_WORLD:
-            return None
-        low, high = high + 1, min(2 * high, MAX_SEARCH_WORLD)
-    while low < high:  # fits(high); low - 1 does not fit (or is the lower bound)
-        mid = (low + high) // 2
-        if fits(mid):
-            high = mid
-        else:
-            low = mid + 1
+    try:
+        while not fits(high):
+            if high >= MAX_SEARCH_WORLD:
+                return None
+            low, high = high + 1, min(2 * high, MAX_SEARCH_WORLD)
+        while low < high:  # fits(high); low - 1 does not fit (or is the lower bound)
+            mid = (low + high) // 2
+            if fits(mid):
+                high = mid
+            else:
+                low = mid + 1
+    except TimeoutError:  # out of search time: the smallest world known to fit, if any
+        found = [w for w, ok in fits_cache.items() if ok]
+        return min(found) if found else None
     return high
 
 
@@ -473,14 +487,16 @@ def plan_tables(module: nn.Module, cfg: Config, cluster: Cluster, sharder, searc
         if isinstance(e, PlanFailed):
             message = str(e)
         else:
-            message = (f"the tables do not fit: they need {report.need_bytes / GIB:,.2f} GiB (weights and "
+            message = (f"the tables do not fit: they need {size(report.need_bytes)} (weights and "
                        f"{cfg.optimizer.embedding} state, {len(table_rows(cfg))} tables), and {cluster.world_size} "
-                       f"rank(s) have {per_rank / GIB:,.2f} GiB of {where} each for tables "
-                       f"({cluster.world_size * per_rank / GIB:,.2f} GiB in all, after the {RESERVED:.0%} reserve)")
+                       f"rank(s) have {size(per_rank)} of {where} each for tables "
+                       f"({size(cluster.world_size * per_rank)} in all, after the {RESERVED:.0%} reserve)")
         if search and not (isinstance(e, TableTooLarge) and not e.more_ranks_help):
             report.min_world_size = min_world_size(module, cfg, cluster, sharder)
             message += (f"; the smallest world size that fits on this hardware is {report.min_world_size}"
-                        if report.min_world_size else f"; no world size up to {MAX_SEARCH_WORLD} fits on this hardware")
+                        if report.min_world_size else
+                        f"; no world size up to {MAX_SEARCH_WORLD} (or found within {MAX_SEARCH_SECONDS:.0f} s of "
+                        f"planning) fits on this hardware: the tables' other costs (IO buffers) outgrow each rank")
         if cluster.device == "cuda" and not uvm_caching(cfg, cluster):
             message += " (or set sharding.allow_uvm_caching=true to keep large tables in host memory)"
         report.message, report.planning_seconds = message, time.perf_counter() - t0
