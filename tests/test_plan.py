@@ -44,13 +44,13 @@ def test_optimizer_state_is_counted(optimizer, state_per_weight):
 
 
 def test_tables_that_do_not_fit_give_the_smallest_world_size_that_does():
-    args = ["--data.num_embeddings=400000"]  # 26 tables x 400k x 21 x 4 B (weights, row-wise state): 0.81 GiB
+    args = ["--data.num_embeddings=400000"]  # 26 tables x 400k x 21 x 4 B (weights, row-wise state): 833 MiB
     small = Cluster(2, 2, "cpu", 0, int(0.25 * GIB), None)
     with pytest.raises(PlanFailed) as e:
         plan(args, small)
     report = e.value.report
     assert not report.fits and report.min_world_size is not None
-    assert "need 0.81 GiB" in str(e.value) and "0.21 GiB of host memory each" in str(e.value), str(e.value)
+    assert "need 833.1 MiB" in str(e.value) and "217.6 MiB of host memory each" in str(e.value), str(e.value)
     assert f"smallest world size that fits on this hardware is {report.min_world_size}" in str(e.value)
     _, fits = plan(args, small.resized(report.min_world_size))
     assert fits.fits and len(fits.ranks) == report.min_world_size
