@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -37,6 +38,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from deepfm_dist.model import TABLE_WEIGHT_KEY
 
 _COMPLETE = re.compile(r"^step_(\d{9})$")
 META = "meta.json"
@@ -340,17 +343,20 @@ def _saved_rng(metadata: Metadata, rank: int) -> dict[str, torch.Tensor]:
     return {k: v for k, v in rng_state().items() if f"{_rank_key(rank)}.{k}" in saved}
 
 
-def load(path: str, *, model: torch.nn.Module, optimizer: Any | None, rng: bool = True) -> dict[str, Any]:
+def load(path: str, *, model: torch.nn.Module, optimizer: Any | None, rng: bool = True,
+         index: Metadata | None = None) -> dict[str, Any]:
     """Load a checkpoint into the (already sharded) model and optimizer, in place. Collective.
 
     Works across world sizes and sharding plans: DCP reads, for each local shard, the parts of
     the saved shards that overlap it. RNG states (``rng``; prediction needs none) are restored
     only when the world size matches (a different world has different streams anyway), and only
     those the checkpoint holds (a CPU-written checkpoint resumed on a GPU has no CUDA state).
-    Returns the checkpoint's meta.json.
+    ``index``: the DCP index if the caller has read it (``read_dcp_metadata``). Returns the
+    checkpoint's meta.json.
     """
     meta = read_meta(path)
-    index = read_dcp_metadata(path)
+    if index is None:
+        index = read_dcp_metadata(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     payload: dict[str, Any] = {"model": _on_default_group(model.state_dict())}
@@ -418,7 +424,7 @@ def check_same_model(path: str, model: torch.nn.Module, index: Metadata) -> None
         meta = saved.get(f"model.{key}")
         got = tuple(meta.size) if meta is not None and hasattr(meta, "size") else None
         if got != shape:
-            m = re.search(r"embedding_bags\.([^.]+)\.weight$", key)
+            m = TABLE_WEIGHT_KEY.search(key)
             what = (f"{m.group(1)}: " if m else f"{key}: ") + (
                 f"{'x'.join(map(str, got))} in the checkpoint" if got else "not in the checkpoint") + \
                 f", {'x'.join(map(str, shape))} here"
@@ -501,7 +507,7 @@ class Checkpointer:
         if self.cfg.init_optimizer:
             self.opts.dense.init_state()
             optimizer = self.opts.combined
-        meta = load(path, model=self.model, optimizer=optimizer, rng=False)
+        meta = load(path, model=self.model, optimizer=optimizer, rng=False, index=index)
         self.log(f"init_from: model weights{' and optimizer state' if optimizer is not None else ''} of {path} "
                  f"(step {meta['step']}); this run starts at step 0")
 
@@ -514,14 +520,14 @@ class Checkpointer:
             return False
         value = record[f"val_{metric}"]
         best = self.best["value"] if self.best else None
-        improved = value == value and (best is None or (value > best if metric == "auc" else value < best))
+        improved = not math.isnan(value) and (best is None or (value > best if metric == "auc" else value < best))
         if improved:
             path = self.save(state, position(), best_step=True)
             self.best = {"checkpoint": os.path.basename(path), "step": state.step, "metric": metric, "value": value,
                          "evals_since": 0}
-        else:
-            self.best = {**(self.best or {"checkpoint": "", "step": None, "metric": metric, "value": None}),
-                         "evals_since": (self.best or {}).get("evals_since", 0) + 1}
+        else:  # no best yet (a first evaluation without a value) counts as one without improving
+            self.best = self.best or {"checkpoint": "", "step": None, "metric": metric, "value": None, "evals_since": 0}
+            self.best["evals_since"] += 1
         if self.env.is_main:
             from deepfm_dist.fsutil import write_json_atomic
 

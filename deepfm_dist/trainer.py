@@ -134,6 +134,7 @@ class Trainer:
         self.health = HealthCheck(env, self.metrics, (self.train_reader, self.val_reader), cfg.checkpoint_dir)
         self.state = ckpt.TrainState(step=0, epoch=0, step_in_epoch=0, loader_states=[])
         self.train_seconds, self.trained_samples, self.last_loss = 0.0, 0, float("nan")
+        self.early_stopped = False  # train.early_stop_patience ran out
 
     def run(self) -> dict:
         with self.health.stop:
@@ -148,7 +149,6 @@ class Trainer:
         """The loop: resume, then epochs of steps; the components say when to log, evaluate and save."""
         self.state, loader_state = self.checkpointer.resume(self.steps_per_epoch)
         state, stopped, tracked = self.state, False, None
-        self.early_stopped = False
         self.metrics.start(state.step)
         self.model.train()
         while state.epoch < self.cfg.train.epochs and state.step < self.total_steps:
@@ -171,7 +171,7 @@ class Trainer:
                 log, evaluate, save = self.metrics.due(step), self.evaluator.due(step), self.checkpointer.due(step)
                 if not (log or evaluate or save):
                     continue
-                # -- agree over ranks on the loss, a stop and a timed save. note: a host sync point
+                # -- agree over ranks on the loss and a timed save. note: a host sync point
                 agreed = self.health.sync(self.checkpointer.timed_due())
                 self.last_loss = agreed.loss
                 if log:

@@ -39,6 +39,7 @@ from deepfm_dist.config import DataConfig
 from deepfm_dist.data.batch import Batch
 from deepfm_dist.data import vocab as data_vocab
 from deepfm_dist.data.hashing import hash_ids, hash_strings
+from deepfm_dist.prepare.vocab import apply_vocab
 from deepfm_dist.data.schema import is_string
 
 
@@ -471,7 +472,7 @@ def convert(
                 raise BadRowsError(f"{where}: column {name!r} holds strings; data.vocab maps integer ids "
                                    f"(prepare-criteo's output)")
             raw, valid = _raw_ids(arr)
-            mapped = data_vocab.map_ids(layout.vocab[name], raw, valid)
+            mapped = apply_vocab(*layout.vocab[name], raw, valid)
             ids[k] = mapped if order is None else np.take(mapped, order)
         elif order is None:
             raw, valid = _raw_ids(arr)

@@ -4,7 +4,7 @@
 descending count, id 0 for values seen fewer than T times in train and for values train never
 had; nulls counted as the value -1) and records the table sizes in ``DIR/manifest.json``. With
 ``data.vocab=DIR`` the loader maps each configured column through its vocabulary instead of
-hashing (``columns.convert``), in the training process and in DataLoader workers alike
+hashing (``columns.convert`` with ``prepare.vocab.apply_vocab``), in the training process and in DataLoader workers alike
 (loaded once per process; forked workers share the arrays).
 
 ``resolve(cfg)`` runs once at start-up, before any rank reads data: it checks that every
@@ -25,7 +25,7 @@ import numpy as np
 
 from deepfm_dist.config import DataConfig
 from deepfm_dist.prepare.state import MANIFEST, VOCAB_DIR
-from deepfm_dist.prepare.vocab import NULL_VALUE, apply_vocab, load_vocab
+from deepfm_dist.prepare.vocab import NULL_VALUE, load_vocab
 
 _cache: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
@@ -111,9 +111,3 @@ def resolve(cfg: DataConfig) -> DataConfig:
         raise VocabError(f"data.vocab={cfg.vocab}: its content (sha256 {digest[:12]}) is not the vocabulary this "
                          f"model was trained with (sha256 {cfg.vocab_sha256[:12]}); ids would map to other rows")
     return replace(cfg, num_embeddings_per_feature=[sizes[c] for c in cfg.sparse], vocab_sha256=digest)
-
-
-def map_ids(values_ids: tuple[np.ndarray, np.ndarray], raw: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    """Raw int64 values -> vocabulary ids (nulls by the vocabulary's null entry, unseen -> 0)."""
-    values, ids = values_ids
-    return apply_vocab(values, ids, raw, valid)

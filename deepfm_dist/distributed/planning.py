@@ -44,7 +44,7 @@ from torchrec.distributed.types import CacheParams, ShardingPlan
 
 from deepfm_dist.config import SHARDING_TYPES, Config
 from deepfm_dist.data.schema import feature_specs
-from deepfm_dist.model import table_dim, table_name
+from deepfm_dist.model import TABLE_WEIGHT_KEY, table_dim, table_name
 
 RESERVED = 0.15
 """Fraction of each rank's memory the planner leaves for everything but the tables."""
@@ -136,6 +136,14 @@ class Cluster:
             return {"hbm": int(self.hbm_bytes * (1 - RESERVED)), "ddr": self.ddr_bytes}
         return {"hbm": 0, "ddr": int(self.ddr_bytes * (1 - RESERVED))}
 
+    def table_budget(self, uvm_caching: bool) -> tuple[str, int]:
+        """(memory, bytes per rank) that bounds the tables: HBM on a GPU, host memory on CPU or
+        with UVM caching (a cached table lives in host memory)."""
+        usable = self.plannable()
+        if self.device == "cuda" and not uvm_caching:
+            return "HBM", usable["hbm"]
+        return "host memory", usable["ddr"]
+
     def resized(self, world_size: int) -> Cluster:
         return Cluster(world_size, min(self.local_world_size, world_size), self.device, self.hbm_bytes,
                        self.ddr_bytes, self.hardware)
@@ -153,16 +161,16 @@ def size(n: float) -> str:
     return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"
 
 
-def _host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+def host_share(ranks_on_node: int) -> int:
+    """This node's free memory shared by its ranks."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // max(1, ranks_on_node)
 
 
 def cpu_budget_bytes(cfg: Config, ranks_on_node: int) -> int:
-    """A CPU rank's host memory: ``sharding.host_memory_gb``, else this node's free memory
-    shared by its ranks."""
+    """A CPU rank's host memory: ``sharding.host_memory_gb``, else its share of free memory."""
     if cfg.sharding.host_memory_gb:
         return int(cfg.sharding.host_memory_gb * GIB)
-    return _host_memory_bytes() // max(1, ranks_on_node)
+    return host_share(ranks_on_node)
 
 
 def cluster_of_run(cfg: Config, world_size: int, local_world_size: int, device: torch.device) -> Cluster:
@@ -175,7 +183,7 @@ def cluster_of_run(cfg: Config, world_size: int, local_world_size: int, device: 
         else:
             hw = HARDWARE[cfg.sharding.hardware]
         hbm = int(cfg.sharding.hbm_gb * GIB) if cfg.sharding.hbm_gb else props.total_memory
-        return Cluster(world_size, local_world_size, "cuda", hbm, _host_memory_bytes() // max(1, local_world_size), hw)
+        return Cluster(world_size, local_world_size, "cuda", hbm, host_share(local_world_size), hw)
     return Cluster(world_size, local_world_size, "cpu", 0, cpu_budget_bytes(cfg, local_world_size), None)
 
 
@@ -266,8 +274,7 @@ def check_constraints_fit(cfg: Config, cluster: Cluster) -> None:
     A table constrained to one rank (table_wise, data_parallel) must fit a rank's plannable
     memory; a split table (row/column-wise) must fit across the ranks. The planner would only
     say "insufficient storage"."""
-    usable = cluster.plannable()
-    per_rank = usable["ddr"] if cluster.device == "cpu" or uvm_caching(cfg, cluster) else usable["hbm"]
+    _, per_rank = cluster.table_budget(uvm_caching(cfg, cluster))
     for table, (kind, key) in table_kinds(cfg).items():
         need = table_bytes(cfg, table)
         ranks = 1 if kind in ("table_wise", "data_parallel") else cluster.world_size
@@ -375,12 +382,7 @@ class _BestPlan(Stats):
 
 def tables_of(module: nn.Module) -> dict[str, nn.Parameter]:
     """The embedding tables' weight parameters by table name."""
-    out = {}
-    for name, param in module.named_parameters():
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[-3] == "embedding_bags" and parts[-1] == "weight":
-            out[parts[-2]] = param
-    return out
+    return {m.group(1): p for name, p in module.named_parameters() if (m := TABLE_WEIGHT_KEY.search(name))}
 
 
 def need_bytes(cfg: Config) -> int:
@@ -423,8 +425,7 @@ def _insufficient(e: Exception) -> bool:
 def min_world_size(module: nn.Module, cfg: Config, cluster: Cluster, sharder) -> int | None:
     """The smallest world size above ``cluster.world_size`` whose plan fits, by planning: from
     the lower bound the tables' size gives, doubling, then bisecting."""
-    usable = cluster.plannable()
-    per_rank = usable["ddr"] if cluster.device == "cpu" or uvm_caching(cfg, cluster) else usable["hbm"]
+    _, per_rank = cluster.table_budget(uvm_caching(cfg, cluster))
     fits_cache: dict[int, bool] = {}
     deadline = time.monotonic() + MAX_SEARCH_SECONDS
 
@@ -482,8 +483,7 @@ def plan_tables(module: nn.Module, cfg: Config, cluster: Cluster, sharder, searc
     except Exception as e:
         if not isinstance(e, PlanFailed) and not _insufficient(e):
             raise
-        where = "HBM" if cluster.device == "cuda" and not uvm_caching(cfg, cluster) else "host memory"
-        per_rank = usable["hbm"] if where == "HBM" else usable["ddr"]
+        where, per_rank = cluster.table_budget(uvm_caching(cfg, cluster))
         if isinstance(e, PlanFailed):
             message = str(e)
         else:

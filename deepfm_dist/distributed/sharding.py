@@ -9,7 +9,6 @@ values.
 from __future__ import annotations
 
 import platform
-import re
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from deepfm_dist.distributed.ddp_hook import DeepFMDataParallelWrapper, ShmAllRe
 from deepfm_dist.distributed.env import DistEnv, broadcast_result
 from deepfm_dist.distributed.planning import PlanReport, cluster_of_run, plan_tables, table_rows
 from deepfm_dist.hugepages import advise_huge_pages
-from deepfm_dist.model import init_table_block, table_dim, table_name
+from deepfm_dist.model import TABLE_WEIGHT_KEY, init_table_block, table_dim, table_name
 from deepfm_dist.model.init import BLOCK_ROWS
 
 FUSED_OPTIMIZERS = {
@@ -129,9 +128,6 @@ def describe_plan(plan: ShardingPlan, world_size: int, table_order: list[str] | 
     return sorted(out, key=lambda p: (order.get(p.table, len(order)), p.table))
 
 
-_TABLE_KEY = re.compile(r"embedding_bags\.([^.]+)\.weight$")
-
-
 @torch.no_grad()
 def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
     """Overwrite every local shard with its world-size-independent initial values.
@@ -144,7 +140,7 @@ def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
     features = {table_name(t) for t in table_rows(cfg)}
     touched = 0
     for key, value in model.state_dict().items():
-        m = _TABLE_KEY.search(key)
+        m = TABLE_WEIGHT_KEY.search(key)
         if not m or m.group(1) not in features:
             continue
         name = m.group(1)

@@ -19,6 +19,8 @@ The MLP's first layer never sees the dense fields themselves: ``W_i (x_i e_i) = 
 so it multiplies the dense values by Nd folded columns instead of Nd * D (``DeepTower``).
 """
 
+import re
+
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor, PoolingType
@@ -37,6 +39,11 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Ta
 def table_dim(embedding_dim: int) -> int:
     """Width of a table row: D vector columns + 1 first-order column, rounded up to 4."""
     return (embedding_dim + 1 + 3) // 4 * 4
+
+
+TABLE_WEIGHT_KEY = re.compile(r"embedding_bags\.([^.]+)\.weight$")
+"""A table's weight in a parameter or state-dict name (whatever wraps the module); group 1 is
+its ``table_name``."""
 
 
 def table_name(table: str) -> str:
