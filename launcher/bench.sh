@@ -8,6 +8,7 @@
 #   ./launcher/bench.sh comm                          # the step's collectives alone (process group cost)
 #   ./launcher/bench.sh ceiling                       # the MLP alone, one process, every core
 #   ./launcher/bench.sh baseline                      # plain single-process PyTorch DeepFM
+#   ./launcher/bench.sh precision --seeds 0,1,2       # fp32 vs bf16 training runs: quality over seeds, samples/s
 #   ./launcher/bench.sh compare                       # all of the above + Kaggle-sized memory run; ratios vs targets
 #   NPROC=1 ./launcher/bench.sh step --tables kaggle --sharding.type=table_wise
 #
@@ -25,7 +26,8 @@ source "$ROOT/launcher/common.sh"  # malloc settings for every rank; shared step
 
 MODE="${1:-}"
 # e2e and compare read the default preset's synthetic Parquet set; make it once (as train.sh does).
-if [[ "$MODE" == "e2e" || "$MODE" == "compare" ]] && [[ " $* " != *" --data.train"* ]]; then
+if [[ "$MODE" == "e2e" || "$MODE" == "compare" || "$MODE" == "precision" ]] &&
+   [[ " $* " != *" --data.train"* && " $* " != *" --data "* ]]; then
   ensure_synthetic_data "$PY"
 fi
 case "$MODE" in
@@ -35,6 +37,12 @@ case "$MODE" in
     export_omp_threads "$NPROC" "$(nproc)"
     exec "$VENV/bin/torchrun" --standalone --nnodes=1 --nproc_per_node="$NPROC" --local-ranks-filter=0 \
       -m benchmarks "$@"
+    ;;
+  precision)
+    # Whole training runs (torchrun, NPROC ranks each), fp32 and bf16 over seeds.
+    NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
+    export_omp_threads "$NPROC" "$(nproc)"
+    exec "$PY" -m benchmarks "$@" --nproc "$NPROC"
     ;;
   ceiling|baseline|compare)
     # One process on every core (compare starts its own torchrun for the distributed runs).
