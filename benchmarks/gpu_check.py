@@ -36,7 +36,7 @@ STEPS = 60
 AUC_FLOOR = 0.6
 """The default run must learn: the synthetic set's planted AUC is about 0.78."""
 AUC_CLOSE = 5e-3
-"""bf16, quantized comms and the plain loop must land this close to the default run's AUC."""
+"""fp32, quantized comms and the plain loop must land this close to the default run's AUC."""
 HALF = STEPS // 2
 """Where the resume checks stop and continue."""
 THROUGHPUT_BATCHES = (8192, 65536)
@@ -171,6 +171,23 @@ def pipeline_verdict(ctx: Ctx, _outputs) -> tuple[str, dict]:
     return f"pipelined (CUDA streams) vs plain loop: {detail}", figures
 
 
+def precision_verdict(ctx: Ctx, _outputs) -> tuple[str, dict]:
+    """The default run resolved train.precision=auto to bf16 on Ampere or later (fp32 before),
+    and fp32 lands close to it."""
+    import torch
+
+    base, fp32 = trained(ctx, "default"), trained(ctx, "fp32")
+    chosen = base["config"]["train"]["precision"]
+    expected = "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp32"
+    if chosen != expected:
+        raise CheckFailed(f"train.precision=auto chose {chosen!r} on {torch.cuda.get_device_name(0)}, "
+                          f"expected {expected!r}")
+    detail, figures = close_to_default(ctx, "fp32")
+    speedup = base["train_samples_per_s_per_rank"] / fp32["train_samples_per_s_per_rank"]
+    figures.update(default_precision=chosen, default_over_fp32_samples_per_s=speedup)
+    return f"auto chose {chosen}; fp32 {detail}; default / fp32 samples/s {speedup:.2f}", figures
+
+
 def adam_verdict(ctx: Ctx, _outputs) -> tuple[str, dict]:
     import torch
 
@@ -259,12 +276,12 @@ def checks() -> list[Check]:
     torchrun = lambda ctx: [bin_("torchrun"), "--standalone", f"--nproc-per-node={ctx.gpus}"]  # noqa: E731
     return [
         Check("environment", "versions, CUDA, NCCL, the GPUs", lambda ctx: [], env_verdict),
-        Check("default_run", "the default preset on every visible GPU (the pipeline, fp32)",
+        Check("default_run", "the default preset on every visible GPU (the pipeline, train.precision auto)",
               lambda ctx: [train(ctx, "default")], default_verdict),
         Check("pipeline", "TrainPipelineSparseDist on CUDA streams against the plain loop",
               lambda ctx: [train(ctx, "plain_loop", "--train.pipeline=false")], pipeline_verdict),
-        Check("bf16", "train.precision=bf16 (autocast of the forward)",
-              lambda ctx: [train(ctx, "bf16", "--train.precision=bf16")], lambda ctx, o: close_to_default(ctx, "bf16")),
+        Check("precision", "train.precision: the default (auto: bf16 on Ampere and later) against fp32",
+              lambda ctx: [train(ctx, "fp32", "--train.precision=fp32")], precision_verdict),
         Check("comm_fp16", "sharding.comm_precision=fp16 (quantized all-to-alls)",
               lambda ctx: [train(ctx, "comm_fp16", "--sharding.comm_precision=fp16")],
               lambda ctx, o: close_to_default(ctx, "comm_fp16")),

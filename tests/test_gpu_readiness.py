@@ -137,7 +137,7 @@ def test_the_launchers_give_the_ranks_time_to_checkpoint(monkeypatch):
     assert LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1).shutdown_timeout == timeout
 
 
-REQUIRED_CHECKS = {"environment", "default_run", "pipeline", "bf16", "comm_fp16", "comm_bf16", "adam_resume",
+REQUIRED_CHECKS = {"environment", "default_run", "pipeline", "precision", "comm_fp16", "comm_bf16", "adam_resume",
                    "cpu_checkpoint_on_gpu", "uvm_caching", "predict_export", "throughput"}
 
 

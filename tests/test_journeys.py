@@ -162,6 +162,10 @@ def straight(data, tmp_path_factory) -> Path:
     held = {r: {p["name"] for p in plan if r in p["ranks"]} for r in (0, 1)}
     assert all(len(held[r]) < len(plan) for r in (0, 1)), held
     assert "transport: gloo, dense gradient all-reduce through shared memory" in text or "using gloo" in text, text
+    # The default precision, auto, resolved as on this CPU (bf16 where native) and recorded.
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert summary(run)["config"]["train"]["precision"] == ("bf16" if native else "fp32")
+    assert f"train.precision=auto: {'bf16' if native else 'fp32'} on this cpu" in text, text[-3000:]
     return run
 
 
