@@ -1,7 +1,7 @@
 """fp32 against bf16 (``train.precision``) on whole training runs: quality and throughput over seeds.
 
     python -m benchmarks precision [--data DIR ...] [--seeds 0,1,2] [--nproc 2]
-        [--emulate-bf16] [--out FILE] [--section.key=value ...]
+        [--emulate-bf16] [--out FILE] [--runs-dir DIR] [--section.key=value ...]
 
 For each data set (a folder with ``train/`` and ``val/``; default: the default run's synthetic
 set), each seed (``train.seed``: the model's initialisation and the row-group order) and each
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emulate-bf16", action="store_true",
                         help="run bf16 on a CPU without native bf16, for quality figures only")
     parser.add_argument("--out", help="JSON file (default runs/bench/precision_TIME.json)")
+    parser.add_argument("--runs-dir", help="where the runs go (default runs/bench/precision_TIME/)")
     args, overrides = parser.parse_known_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         env[EMULATE_ENV] = "1"
         extra.append("--model.linear_kernel=torch")
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    root = os.path.join("runs", "bench", f"precision_{stamp}")
+    root = args.runs_dir or os.path.join("runs", "bench", f"precision_{stamp}")
     results: dict[str, Any] = {"hardware": report.hardware(), "emulated_bf16": emulated, "seeds": seeds,
                                "nproc": args.nproc, "overrides": overrides, "datasets": {}}
     tables = []

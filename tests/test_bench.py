@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from benchmarks import compare
+from benchmarks import compare, precision
 
 REQUIRED = ("mode", "world_size", "samples_per_s", "samples_per_s_per_rank", "step_ms_p50", "step_ms_p90",
             "data_wait_ms_per_step", "peak_rss_mb", "peak_rss_mb_per_rank")
@@ -111,3 +111,46 @@ def test_compare_ratios_and_targets():
     table, met = compare.targets_table(r)
     assert met == {"e2e_vs_ceiling": True, "e2e_vs_baseline": True, "step_per_core_scaling": False, "memory": False}
     assert "NO" in table and "scaling with no communication" in table and "waiting for peers" in table
+
+
+def _run(precision_: str, seed: int, auc: float, logloss: float = 0.47) -> dict:
+    return {"precision": precision_, "seed": seed, "val_auc": auc, "val_logloss": logloss, "val_ne": logloss / 0.56,
+            "val_calibration": 1.0, "train_samples_per_s": 100.0 if precision_ == "fp32" else 150.0}
+
+
+def test_precision_verdict_compares_the_shift_with_the_seeds_spread():
+    fp32 = [_run("fp32", s, auc) for s, auc in enumerate((0.770, 0.772, 0.771))]
+    near = precision.summarize(fp32 + [_run("bf16", s, auc) for s, auc in enumerate((0.771, 0.773, 0.772))])
+    assert near["verdict"]["val_auc"]["unchanged"] and near["unchanged"]
+    assert near["verdict"]["val_auc"]["allowed"] == pytest.approx(0.002)
+    assert near["speedup"] == pytest.approx(1.5)
+    far = precision.summarize(fp32 + [_run("bf16", s, auc) for s, auc in enumerate((0.760, 0.761, 0.762))])
+    assert not far["verdict"]["val_auc"]["unchanged"] and not far["unchanged"]
+    assert far["verdict"]["val_auc"]["diff"] == pytest.approx(-0.010)
+
+
+def test_precision_runs_both_precisions_per_seed(tiny_data, tmp_path):
+    """Two seeds x fp32/bf16 on one rank each; on a CPU without native bf16 the bf16 runs go
+    through torch's kernels (--emulate-bf16), on one with it natively."""
+    data_dir, _ = tiny_data
+    out, runs = tmp_path / "p.json", tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "precision", "--data", str(data_dir), "--seeds", "0,1",
+                           "--nproc", "1", "--emulate-bf16", "--out", str(out), "--runs-dir", str(runs), *TINY,
+                           "--train.max_steps=6"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert last_json(proc.stdout)["mode"] == "precision"
+    result = json.loads(out.read_text())
+    done = result["datasets"][str(data_dir)]["runs"]
+    assert [(r["precision"], r["seed"]) for r in done] == [("fp32", 0), ("bf16", 0), ("fp32", 1), ("bf16", 1)]
+    for r in done:  # each run trained in the precision it is listed under
+        config = json.loads(open(os.path.join(r["run_dir"], "summary.json")).read())["config"]
+        assert config["train"]["precision"] == r["precision"] and config["train"]["seed"] == r["seed"]
+    assert set(result["datasets"][str(data_dir)]["summary"]["verdict"]) == set(precision.QUALITY)
+
+
+def test_precision_needs_the_flag_where_bf16_is_not_native(monkeypatch, capsys):
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(precision.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        precision.main(["--seeds", "0,1"])
+    assert "--emulate-bf16" in capsys.readouterr().err
