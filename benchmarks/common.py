@@ -111,9 +111,10 @@ def run_line(env, cfg: Config, threads: int | None, warmup: int, steps: int) -> 
             f"pinned: {cfg.train.pin_cpus}; {warmup} warm-up + {steps} measured steps")
 
 
-def sharding_line(cfg: Config, placements) -> str:
-    """The ``sharding`` line of a step/e2e report: the configured type and what the plan chose."""
-    return f"type={cfg.sharding.type}; " + "; ".join(sorted({f"{p.sharding_type}/{p.compute_kernel}" for p in placements}))
+def sharding_line(cfg: Config, plan_report) -> str:
+    """The ``sharding`` line of a step/e2e report (rank 0's ``PlanReport``): the configured type
+    and what the plan chose."""
+    return f"type={cfg.sharding.type}; " + "; ".join(sorted({f"{t.sharding}/{t.kernel}" for t in plan_report.tables}))
 
 
 def config_line(cfg: Config) -> str:

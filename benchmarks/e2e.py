@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                       trainer.train_reader.wait_seconds - timer.wait_at_warmup, env.device,
                                       peer_wait_ms_per_step=timer.peer_wait.ms_per_step(timer.clock.measured_steps))
         per_rank = report.gather_ranks(numbers)
-        threads, placements, num_rows = trainer.threads, trainer.placements, trainer.train_reader.num_rows
+        threads, plan_report, num_rows = trainer.threads, trainer.plan_report, trainer.train_reader.num_rows
         workers = trainer.train_reader.num_workers
         # The sharded model holds the process group: drop it before destroy() (see trainer.train).
         del trainer
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("data", f"{len(train_files)} Parquet files, {num_rows:,} rows "
                          f"({', '.join(cfg.data.train)}); workers {workers}, prefetch "
                          f"{cfg.data.prefetch}, shuffle {cfg.data.shuffle}"),
-                ("sharding", sharding_line(cfg, placements)),
+                ("sharding", sharding_line(cfg, plan_report)),
             ]
             report.emit("e2e", env.world_size, summary=summary, per_rank=per_rank, setup=setup,
                         config=cfg.to_dict(), out=args.out)

@@ -28,10 +28,8 @@ from benchmarks.common import (
     add_common_args, config_line, distributed_summary, parse, run_line, sharding_line, synthetic_batches,
 )
 from deepfm_dist.distributed.env import destroy, init_distributed, setup_cpu_rank
-from deepfm_dist.distributed.planning import format_report
-from deepfm_dist.distributed.sharding import describe_plan, shard_model
-from deepfm_dist.model import table_name
-from deepfm_dist.model.build import table_names
+from deepfm_dist.distributed.planning import PlanReport, format_report
+from deepfm_dist.distributed.sharding import shard_model
 from deepfm_dist.optim import build_optimizers, lr_factor, set_learning_rates
 from deepfm_dist.logs import quiet_library_noise
 from deepfm_dist.step import Stepper, build_model
@@ -92,17 +90,16 @@ def profile_steps(step, steps: int, out_dir: str, rank: int) -> str:
     return table + "\n" + breakdown(prof.key_averages(), steps, wall)
 
 
-def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int | None]:
-    """Build the sharded model and run the steps; returns (per-rank numbers, plan, threads).
+def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], PlanReport | None, int | None]:
+    """Build the sharded model and run the steps; returns (per-rank numbers, rank 0's plan report, threads).
 
     Everything that holds the process group (model, stepper, optimizers) lives only in here,
     so it is gone before the caller destroys the group (see trainer.train).
     """
     threads, _ = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)  # as the Trainer does
     rss_before_model = report.current_rss_mb()
-    model, plan, plan_report = shard_model(build_model(cfg), cfg, env)
+    model, _, plan_report = shard_model(build_model(cfg), cfg, env)
     opts = build_optimizers(model, cfg.optimizer, cfg.train.grad_clip)
-    placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
     memory = memory_breakdown(model, opts)
     batches = synthetic_batches(cfg, DISTINCT_BATCHES, cfg.train.batch_size, seed=1000 + env.rank)
     if env.device.type == "cuda":
@@ -136,7 +133,7 @@ def measure(args: argparse.Namespace, cfg, env) -> tuple[list[dict], list, int |
         if env.is_main:
             print(table)
     stepper.detach()
-    return report.gather_ranks(numbers), (placements, plan_report), threads
+    return report.gather_ranks(numbers), plan_report, threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     env = init_distributed(cfg.train.device)
     try:
-        per_rank, (placements, plan_report), threads = measure(args, cfg, env)
+        per_rank, plan_report, threads = measure(args, cfg, env)
         gc.collect()  # the model's last references: gloo joins its threads before destroy()
         if env.is_main:
             summary = distributed_summary(per_rank, cfg, threads)
@@ -167,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             setup = [
                 ("model", config_line(cfg)),
                 ("run", run_line(env, cfg, threads, args.warmup, args.steps) + f" on {DISTINCT_BATCHES} pre-built batches"),
-                ("sharding", sharding_line(cfg, placements)),
+                ("sharding", sharding_line(cfg, plan_report)),
             ]
             table = report.rank_table(per_rank, summary) + "\n\n" + format_report(plan_report) + "\n\n" + mem_lines
             report.emit("step", env.world_size, summary=summary, per_rank=per_rank, setup=setup,

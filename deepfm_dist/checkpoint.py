@@ -443,8 +443,10 @@ class Checkpointer:
     optimizers, RNG states, every rank's loader position, the plan and the config. Also resumes
     and warm-starts. Collective: every rank calls ``save``, ``resume`` and ``track_best``."""
 
-    def __init__(self, cfg, env, model: torch.nn.Module, optimizers, placements: list, log):
-        self.cfg, self.env, self.model, self.opts, self.placements, self.log = cfg, env, model, optimizers, placements, log
+    def __init__(self, cfg, env, model: torch.nn.Module, optimizers, plan_report, log):
+        """``plan_report``: rank 0's ``planning.PlanReport`` (meta.json's \"plan\", as in plan.json); None elsewhere."""
+        self.cfg, self.env, self.model, self.opts, self.log = cfg, env, model, optimizers, log
+        self.plan = plan_report.to_json() if plan_report is not None else None
         self.every_steps, self.minutes = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes
         self.last_save_time = time.monotonic()
         self.last_saved_step: int | None = None
@@ -550,7 +552,7 @@ class Checkpointer:
         sync_dense_buffers(self.model, self.env)
         protect = os.path.join(self.cfg.checkpoint_dir, self.best["checkpoint"]) if self.best and self.best["checkpoint"] else None
         path = save(self.cfg.checkpoint_dir, model=self.model, optimizer=self.opts.combined, state=state,
-                    extra_meta={"plan": [p.__dict__ for p in self.placements], "config": self.cfg.to_dict()},
+                    extra_meta={"plan": self.plan, "config": self.cfg.to_dict()},
                     keep=self.cfg.checkpoint.keep, protect=protect)
         self.last_save_time, self.last_saved_step = time.monotonic(), state.step
         self.log(f"checkpoint: {path}" + (f" (best {self.cfg.checkpoint.best_metric} so far)" if best_step else ""))

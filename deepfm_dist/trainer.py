@@ -22,13 +22,11 @@ from deepfm_dist.data import vocab as data_vocab
 from deepfm_dist.data.loader import auto_num_workers
 from deepfm_dist.distributed.env import DistEnv, destroy, init_distributed, setup_cpu_rank
 from deepfm_dist.distributed.planning import format_report
-from deepfm_dist.distributed.sharding import describe_plan, shard_model
+from deepfm_dist.distributed.sharding import shard_model
 from deepfm_dist.evaluator import Evaluator
 from deepfm_dist.fsutil import write_json_atomic
 from deepfm_dist.health import HealthCheck
 from deepfm_dist.logs import MetricsLogger, RankLogger, quiet_library_noise
-from deepfm_dist.model import table_name
-from deepfm_dist.model.build import table_names
 from deepfm_dist.optim import build_optimizers, check_embedding_optimizer, lr_factor, set_learning_rates
 from deepfm_dist.step import Stepper, build_model, check_precision, resolve_precision
 from deepfm_dist.versions import check_torchrec
@@ -112,9 +110,9 @@ class Trainer:
                  f"({len(self.train_reader)} steps/epoch of {cfg.train.batch_size} x {env.world_size}), "
                  f"val {self.val_reader.num_rows:,} rows in {len(val_files)} files; "
                  f"loader workers/rank={self.train_reader.num_workers}")
-        self.model, plan, plan_report = shard_model(build_model(cfg), cfg, env)
+        self.model, _, plan_report = shard_model(build_model(cfg), cfg, env)
         self.opts = build_optimizers(self.model, cfg.optimizer, cfg.train.grad_clip)
-        self.placements = describe_plan(plan, env.world_size, [table_name(t) for t in table_names(cfg)])
+        self.plan_report = plan_report  # rank 0's (None elsewhere): plan.json, each checkpoint's meta.json
         self.plan_path = os.path.join(cfg.run_dir, "plan.json")
         if env.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
@@ -130,7 +128,7 @@ class Trainer:
                                      tensorboard=cfg.train.tensorboard, progress=cfg.train.progress)
         self.evaluator = Evaluator(self.model, self.val_reader, env, self.metrics, every=cfg.train.eval_every,
                                    precision=cfg.train.precision, samples_per_step=self.global_batch)
-        self.checkpointer = ckpt.Checkpointer(cfg, env, self.model, self.opts, self.placements, self.log)
+        self.checkpointer = ckpt.Checkpointer(cfg, env, self.model, self.opts, plan_report, self.log)
         self.health = HealthCheck(env, self.metrics, (self.train_reader, self.val_reader), cfg.checkpoint_dir)
         self.state = ckpt.TrainState(step=0, epoch=0, step_in_epoch=0, loader_states=[])
         self.train_seconds, self.trained_samples, self.last_loss = 0.0, 0, float("nan")

@@ -157,7 +157,10 @@ def straight(data, tmp_path_factory) -> Path:
     assert rc == 0, text[-5000:]
     # The default run's plan and transport: every table table-wise, and each rank lacks some
     # table (the case a rank with no shard of a table must load).
-    plan = json.loads((run / "plan.json").read_text())["tables"]
+    plan_json = json.loads((run / "plan.json").read_text())
+    meta = json.loads((Path(ckpt.latest(str(run / "checkpoints"))) / "meta.json").read_text())
+    assert meta["plan"] == plan_json, "each checkpoint records the plan the run wrote to plan.json"
+    plan = plan_json["tables"]
     assert {p["sharding"] for p in plan} == {"table_wise"}, plan
     held = {r: {p["name"] for p in plan if r in p["ranks"]} for r in (0, 1)}
     assert all(len(held[r]) < len(plan) for r in (0, 1)), held

@@ -98,34 +98,6 @@ def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMS
     return result, report
 
 
-@dataclass
-class TablePlacement:
-    table: str
-    sharding_type: str
-    compute_kernel: str
-    ranks: list[int]
-    bytes_per_rank: dict[int, int]
-
-
-def describe_plan(plan: ShardingPlan, world_size: int, table_order: list[str] | None = None) -> list[TablePlacement]:
-    """Table -> sharding type, ranks and weight bytes per rank (fp32), in ``table_order``."""
-    out = []
-    for module_plan in plan.plan.values():
-        for table, ps in module_plan.items():
-            per_rank: dict[int, int] = {}
-            if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
-                ranks = list(range(world_size))
-                # Replicated: every rank holds the whole table; sizes come from the module.
-                per_rank = {r: -1 for r in ranks}
-            else:
-                ranks = sorted(set(ps.ranks or []))
-                for shard in ps.sharding_spec.shards:
-                    rank = shard.placement.rank()
-                    rows, cols = shard.shard_sizes
-                    per_rank[rank] = per_rank.get(rank, 0) + rows * cols * 4
-            out.append(TablePlacement(table, ps.sharding_type, ps.compute_kernel, ranks, per_rank))
-    order = {t: i for i, t in enumerate(table_order or [])}
-    return sorted(out, key=lambda p: (order.get(p.table, len(order)), p.table))
 
 
 @torch.no_grad()
