@@ -60,7 +60,7 @@ def test_resume_restores_the_fused_optimizers_step(tmp_path, monkeypatch):
     (step_dir / ckpt.META).write_text(json.dumps(meta))
     monkeypatch.setattr(ckpt, "load", lambda path, model, optimizer: meta)
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo")
-    state, loader_state = ckpt.Checkpointer(cfg, env, None, opts, [], log=lambda m: None).resume(steps_per_epoch=10)
+    state, loader_state = ckpt.Checkpointer(cfg, env, None, opts, None, log=lambda m: None).resume(steps_per_epoch=10)
     assert calls == [7]
     assert (state.step, state.step_in_epoch, loader_state) == (7, 7, {"pos": 7})
 
