@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import report
+from benchmarks import compare, report
 
 PRECISIONS = ("fp32", "bf16")
 QUALITY = ("val_auc", "val_logloss", "val_ne", "val_calibration")
@@ -48,17 +47,10 @@ def native_bf16_cpu() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_command(nproc: int, overrides: list[str]) -> list[str]:
     """One training run under torchrun, its ranks entering through ``rank_main``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--local-ranks-filter=0",
-            "-m", "benchmarks.precision", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--local-ranks-filter=0", "-m", "benchmarks.precision", *overrides]
 
 
 def rank_main(argv: list[str]) -> int:
@@ -181,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 os.makedirs(run_dir, exist_ok=True)
-                with open(os.path.join(run_dir, "bench.log"), "w") as f:
-                    f.write("$ " + " ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+                compare._logged_result(os.path.join(run_dir, "bench.log"), cmd, proc.stdout, proc.stderr)
                 if proc.returncode != 0:
                     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
                     raise SystemExit(f"bench precision: {run_dir} failed (exit {proc.returncode}):\n{tail}")

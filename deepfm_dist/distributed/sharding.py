@@ -98,8 +98,6 @@ def plan_sharding(module: nn.Module, cfg: Config, env: DistEnv, sharder: DeepFMS
     return result, report
 
 
-
-
 @torch.no_grad()
 def init_sharded_tables(model: nn.Module, cfg: Config) -> int:
     """Overwrite every local shard with its world-size-independent initial values.
