@@ -3,7 +3,7 @@
     python -m benchmarks prepare --size-gb 1.0 --workers 2
 
 1. Writes a Criteo-format TSV of ``--size-gb`` (realistic nulls, negatives, cardinalities;
-   see ``synth_tsv``) into ``--dir`` (default: a temp dir), reusing a file of the same
+   see ``deepfm_dist.prepare.criteo_like``) into ``--dir`` (default: a temp dir), reusing a file of the same
    size and seed left there by an earlier run. It was just written or read, so it sits
    in the page cache: the figures measure the converter's CPU work, not the disk.
 2. Warm-up: converts the first ~32 MB once (imports, allocator, page cache of the code).
@@ -44,8 +44,15 @@ def _ensure_tsv(path: str, size_bytes: int, seed: int) -> tuple[int, float]:
                     pass
             return os.path.getsize(path), 0.0
     t = time.perf_counter()
-    code = "import sys; from deepfm_dist.prepare.synth_tsv import write_tsv; write_tsv(sys.argv[1], int(sys.argv[2]), seed=int(sys.argv[3]))"
-    subprocess.run([sys.executable, "-c", code, path, str(size_bytes), str(seed)], check=True)
+    # deepfm-gen-criteo's Kaggle shape, scaled to the requested size (~243 bytes a line).
+    rows = max(1, size_bytes // 243)
+    gen_dir = path + ".gen"
+    code = ("import sys; from deepfm_dist.prepare.criteo_like import SHAPES, generate; "
+            "generate(sys.argv[1], scale=int(sys.argv[2]) / SHAPES['criteo-kaggle'].rows, seed=int(sys.argv[3]), "
+            "workers=int(sys.argv[4]))")
+    subprocess.run([sys.executable, "-c", code, gen_dir, str(rows), str(seed), str(os.cpu_count() or 1)], check=True)
+    os.replace(os.path.join(gen_dir, "train.txt"), path)
+    shutil.rmtree(gen_dir)
     with open(meta_path, "w") as f:
         json.dump({"size_bytes": size_bytes, "seed": seed, "file_bytes": os.path.getsize(path)}, f)
     return os.path.getsize(path), time.perf_counter() - t
