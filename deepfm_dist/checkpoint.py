@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -238,6 +238,36 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class ExactStorageSavePlanner(DefaultSavePlanner):
+    """DCP's default planner, handing the file writer each contiguous CPU tensor over exactly its
+    own bytes.
+
+    ``torch.save`` of a view writes the view's whole storage, so DCP's file writer clones every
+    tensor whose storage is larger than the tensor, and keeps the clones until the rank's file is
+    written. The fused embedding kernels hold a rank's tables (and their optimizer state) in one
+    flat buffer, every table a view into it: each save made a second copy of all of a rank's
+    tables, the largest memory peak of a run. A tensor built by ``torch.from_numpy`` over the
+    view's bytes aliases them (no copy) and owns a storage of exactly its size, so nothing is
+    cloned and the bytes written are the same.
+    """
+
+    def resolve_data(self, write_item: Any) -> Any:
+        data = super().resolve_data(write_item)
+        if (isinstance(data, torch.Tensor) and data.device.type == "cpu" and data.is_contiguous()
+                and not data.requires_grad and data.untyped_storage().nbytes() != data.nbytes and data.numel() > 0):
+            return _exact_alias(data)
+        return data
+
+
+def _exact_alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``t``'s bytes only (same shape and dtype, shares memory with ``t``)."""
+    flat = t.detach().reshape(-1)
+    # numpy has no bfloat16/float16 of torch's kind: go through same-width integers.
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    alias = torch.from_numpy(flat.view(as_int).numpy())
+    return alias.view(t.dtype).view(t.shape)
+
+
 @dataclass
 class TrainState:
     """What a resumed run needs beyond the tensors."""
@@ -287,7 +317,7 @@ def save(
         # that all ranks share.
         _rank_key(rank): rng_state(),
     }
-    dcp.save(payload, checkpoint_id=tmp)
+    dcp.save(payload, checkpoint_id=tmp, planner=ExactStorageSavePlanner())
     if rank == 0:
         meta = {
             "step": state.step,
