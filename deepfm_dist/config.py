@@ -79,8 +79,9 @@ class DataConfig:
     """prepare-criteo's output directory (or its vocab/) built with --vocab-threshold: map each
     sparse column's raw ids through its frequency-threshold vocabulary instead of hashing (values
     seen fewer than the threshold times in train, and unseen ones, share row 0; nulls get the
-    vocabulary's null row). Table sizes then come from its manifest unless
-    ``num_embeddings_per_feature`` gives them. Integer (single-valued) columns only."""
+    vocabulary's null row). Table sizes then come from its manifest, replacing
+    ``num_embeddings_per_feature`` (which sizes hashed tables, e.g. a preset's). Integer
+    (single-valued) columns only."""
     vocab_sha256: str = ""
     """Set by the run from ``vocab``'s files (leave it empty): checkpoints and exported models
     carry it, and prediction refuses a vocabulary whose content differs."""

@@ -134,10 +134,10 @@ def test_criteo_recipe_with_a_vocabulary_end_to_end(tmp_path):
     from deepfm_dist.data.vocab import VocabError, resolve, vocab_dir
     from deepfm_dist.config import DataConfig
     from deepfm_dist.prepare.criteo import main as prepare
-    from deepfm_dist.prepare.synth_tsv import write_tsv
+    from deepfm_dist.prepare.criteo_like import SHAPES, generate
 
-    tsv = tmp_path / "train.txt"
-    write_tsv(str(tsv), 3_000_000, seed=5)  # ~12k lines
+    generate(tmp_path / "raw", scale=12_000 / SHAPES["criteo-kaggle"].rows, seed=5)
+    tsv = tmp_path / "raw" / "train.txt"
     out = tmp_path / "kaggle"
     assert prepare(["--input", str(tsv), "--output", str(out), "--split", "kaggle", "--vocab-threshold", "2",
                     "--workers", "1", "--quiet"]) == 0
@@ -164,6 +164,10 @@ def test_criteo_recipe_with_a_vocabulary_end_to_end(tmp_path):
     raw_c1 = table.column("C1").to_pylist()
     at = raw_c1.index(top) if top in raw_c1 else None
     assert at is not None and rows.ids[0][at] == vocab_c1["id"][0] == 1
+    # A preset's hashed table sizes (criteo_kaggle's C9 has 3 rows) give way to the vocabulary's.
+    hashed = [3] * len(sizes)
+    assert resolve(DataConfig(train=["x"], val=["x"], vocab=str(out), num_embeddings_per_feature=hashed)
+                   ).num_embeddings_per_feature == sizes
     # Predict on the test split with the model's vocabulary: metrics reported.
     preds = tmp_path / "preds"
     assert main(["--model", str(run / "checkpoints"), "--data", f"{out}/test", "--out", str(preds)], predict.main) == 0
