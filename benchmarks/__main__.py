@@ -16,6 +16,7 @@ MODES = {
     "plans": ("benchmarks.plans", "sharding plans for Criteo 1TB on GPU clusters (deepfm-plan's function), a report"),
     "gpu_check": ("benchmarks.gpu_check", "GPU acceptance: every GPU path end to end, PASS/FAIL per check"),
     "precision": ("benchmarks.precision", "fp32 vs bf16 training runs over seeds: AUC/logloss/NE/calibration, samples/s"),
+    "scale": ("benchmarks.scale", "the whole pipeline (generate, prepare, train, resume, predict, export) at a Criteo scale"),
     "compare": ("benchmarks.compare", "ceiling, baseline, step (1 and 2 ranks), e2e in one run; ratios vs targets"),
 }
 
