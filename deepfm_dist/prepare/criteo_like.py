@@ -253,11 +253,11 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def _normals(ranks: np.ndarray, key: int) -> np.ndarray:
-    """A standard normal per rank, the same for the same (key, rank): Box-Muller on two hashes."""
-    h1 = _mix64(ranks.astype(np.uint64) ^ _mix64(np.uint64(key)))
-    h2 = _mix64(h1)
-    u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
-    u2 = (h2 >> np.uint64(11)).astype(np.float64) / 2.0**53
+    """A standard normal per rank, the same for the same (key, rank): Box-Muller on the two
+    32-bit halves of one hash."""
+    h = _mix64(ranks.astype(np.uint64) ^ _mix64(np.uint64(key)))
+    u1 = ((h >> np.uint64(32)).astype(np.float64) + 0.5) / 2.0**32
+    u2 = (h & np.uint64(0xFFFFFFFF)).astype(np.float64) / 2.0**32
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
