@@ -534,3 +534,26 @@ def test_truncated_gzip_is_named_in_one_line(tmp_path, capsys, workers):
     assert truncated["file"] == str(cut) and 0 < truncated["line"] <= len(lines)
     assert table.num_rows == truncated["line"] - 1  # every complete line; the cut one is a bad line
     assert table.column("label").to_pylist() == [parse_line(line)["label"] for line in lines[: table.num_rows]]
+
+
+def test_vocab_passes_grow_until_each_holds_at_most_the_limit(tmp_path, monkeypatch):
+    """A column with more distinct values than one pass may hold is counted in more passes
+    (value mod P), and the vocabulary is the one a single unbounded pass gives."""
+    import pyarrow as pa
+
+    from deepfm_dist.prepare import vocab as vocab_mod
+
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.integers(0, 5000, 20_000), np.repeat(np.arange(40), 50)])  # ~4.3k distinct
+    path = str(tmp_path / "part.parquet")
+    pq.write_table(pa.table({"C1": pa.array(values, pa.int64())}), path, row_group_size=3000)
+    one = vocab_mod.build_column(str(tmp_path / "one"), [path], "C1", 3, 1)
+    monkeypatch.setattr(vocab_mod, "MAX_DISTINCT_PER_PASS", 1000)
+    seen = []
+    real = vocab_mod.count_values
+    monkeypatch.setattr(vocab_mod, "count_values", lambda *a, **k: seen.append(real(*a, **k)[0].size) or real(*a, **k))
+    many = vocab_mod.build_column(str(tmp_path / "many"), [path], "C1", 3, 1)
+    assert one["passes"] == 1 and many["passes"] >= 5 and max(seen) <= 1000
+    assert {k: v for k, v in many.items() if k not in ("passes", "bytes")} == {
+        k: v for k, v in one.items() if k not in ("passes", "bytes")}
+    assert pq.read_table(tmp_path / "many" / "vocab" / "C1.parquet").equals(pq.read_table(tmp_path / "one" / "vocab" / "C1.parquet"))

@@ -15,10 +15,11 @@ holds ``value``, ``id``, ``count`` (int64) in id order; ``load_vocab`` and ``app
 are what a loader uses.
 
 Memory: counting keeps every distinct value of a column (16 bytes each, ~3x during a
-merge); Kaggle's largest column has ~10M distinct values (~0.5 GB). For Terabyte (up to
-~200M distinct per column) pass ``--vocab-partitions P``: each column is then counted in
-P passes over disjoint value ranges (``value mod P``), dividing memory by P and reading
-the column P times.
+merge). A pass holds at most ``MAX_DISTINCT_PER_PASS`` values: a column with more is counted in
+P passes over disjoint value sets (``value mod P``), each reading the column again, so the
+memory of a count does not grow with the data (Kaggle's largest column has ~10M distinct
+values, a Terabyte column up to ~200M). P starts at ``--vocab-partitions`` and is raised, from
+the distinct values a pass had seen when it reached the limit, until every pass fits.
 """
 
 from __future__ import annotations
@@ -53,19 +54,35 @@ def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
     return values[starts], np.add.reduceat(counts, starts)
 
 
-def count_values(files: list[str], column: str, partitions: int = 1, partition: int = 0) -> tuple[np.ndarray, np.ndarray]:
+MAX_DISTINCT_PER_PASS = 1 << 22
+"""Distinct values one counting pass may hold (64 MB of values and counts, ~3x while merging)."""
+
+
+class TooManyValues(Exception):
+    """A pass reached its limit of distinct values; ``estimate`` is the column's projected total."""
+
+    def __init__(self, estimate: int) -> None:
+        super().__init__(estimate)
+        self.estimate = estimate
+
+
+def count_values(files: list[str], column: str, partitions: int = 1, partition: int = 0,
+                 limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values of ``column`` over ``files`` (nulls as ``NULL_VALUE``) and their counts.
 
     Only values with ``value mod partitions == partition`` are counted. Returns sorted
-    values and their counts (int64).
+    values and their counts (int64). Raises TooManyValues once more than ``limit`` distinct
+    values are held, projecting the column's total from the share of rows read.
     """
     acc: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     pending: list[tuple[np.ndarray, np.ndarray]] = []
-    pending_size = 0
+    pending_size = rows_read = 0
+    total_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files) if limit else 0
     for path in files:
         with pq.ParquetFile(path) as pf:
             for batch in pf.iter_batches(columns=[column], batch_size=1 << 20):
                 values = pc.fill_null(batch.column(0), NULL_VALUE).to_numpy()
+                rows_read += values.size
                 if partitions > 1:
                     values = values[values % partitions == partition]
                 u, c = np.unique(values, return_counts=True)
@@ -76,20 +93,31 @@ def count_values(files: list[str], column: str, partitions: int = 1, partition: 
                 if pending_size > max(acc[0].size, 1 << 22):
                     acc = _merge([acc, *pending])
                     pending, pending_size = [], 0
-    return _merge([acc, *pending])
+                    if limit and acc[0].size > limit:
+                        raise TooManyValues(acc[0].size * partitions * total_rows // rows_read)
+    acc = _merge([acc, *pending])
+    if limit and acc[0].size > limit:
+        raise TooManyValues(acc[0].size * partitions)
+    return acc
 
 
 def build_column(out_dir: str, files: list[str], column: str, threshold: int, partitions: int) -> dict[str, Any]:
     """Counts ``column`` over ``files`` and writes ``out_dir/vocab/<column>.parquet``."""
-    kept_values, kept_counts = [], []
-    distinct = total = 0
-    for p in range(partitions):
-        values, counts = count_values(files, column, partitions, p)
-        distinct += values.size
-        total += int(counts.sum())
-        keep = counts >= threshold
-        kept_values.append(values[keep])
-        kept_counts.append(counts[keep])
+    while True:
+        kept_values, kept_counts = [], []
+        distinct = total = 0
+        try:
+            for p in range(partitions):
+                values, counts = count_values(files, column, partitions, p, limit=MAX_DISTINCT_PER_PASS)
+                distinct += values.size
+                total += int(counts.sum())
+                keep = counts >= threshold
+                kept_values.append(values[keep])
+                kept_counts.append(counts[keep])
+                del values, counts
+            break
+        except TooManyValues as e:  # more passes, each holding at most the limit (with a margin)
+            partitions = max(2 * partitions, -(-3 * e.estimate // (2 * MAX_DISTINCT_PER_PASS)))
     values = np.concatenate(kept_values)
     counts = np.concatenate(kept_counts)
     order = np.lexsort((values, -counts))  # by descending count, then ascending value
@@ -113,6 +141,7 @@ def build_column(out_dir: str, files: list[str], column: str, threshold: int, pa
         "distinct": distinct,
         "rows": total,
         "rows_with_own_id": int(counts.sum()),
+        "passes": partitions,
         "bytes": os.path.getsize(final),
     }
 
