@@ -52,8 +52,11 @@ ROOT = Path(__file__).resolve().parent.parent
 class ScaleOptions:
     scale: float = 0.01
     """Fraction of the real data set's rows and distinct values (1.0: all of Criteo Kaggle)."""
-    like: str = field(default="criteo-kaggle", metadata={"choices": ("criteo-kaggle",)})
-    """The shape to rehearse (the stages after generate follow the Kaggle recipe)."""
+    like: str = field(default="criteo-kaggle", metadata={"choices": ("criteo-kaggle", "criteo-1tb-day")})
+    """The shape to rehearse. criteo-1tb-day (one Terabyte day, day_0) runs generate and prepare
+    only (--split terabyte, --vocab-partitions): the converter and vocabulary at a day's size."""
+    vocab_partitions: int = 1
+    """prepare-criteo --vocab-partitions (each column counted in this many passes)."""
     dir: str = ""
     """Work folder (default: runs/scale/LIKE_S); the generated and prepared data are kept and reused."""
     nproc: int = 2
@@ -79,6 +82,11 @@ class ScaleOptions:
         unknown = [s for s in self.stage_list if s not in STAGES]
         if unknown:
             raise ValueError(f"argument --stages: unknown {unknown}; expected some of {', '.join(STAGES)}")
+        if self.like == "criteo-1tb-day" and not set(self.stage_list) <= {"generate", "prepare"}:
+            raise ValueError("argument --like criteo-1tb-day: only --stages generate,prepare (a day is converted, "
+                             "not trained on)")
+        if self.vocab_partitions < 1:
+            raise ValueError(f"argument --vocab-partitions: expected a positive integer, got {self.vocab_partitions}")
 
     @property
     def stage_list(self) -> list[str]:
@@ -271,9 +279,11 @@ class Rehearsal:
         meta = _read_json(meta_path)
         rows = meta.get("rows")
         if self.want(todo, "prepare"):
-            r = self.stage("prepare", [_bin("prepare-criteo"), "--input", str(self.raw / "train.txt"), "--output",
-                                       str(self.prepared), "--split", "kaggle", "--vocab-threshold", "10",
-                                       "--overwrite", "--quiet"], [self.prepared], rows=rows, fresh=[self.prepared])
+            split = "kaggle" if o.like == "criteo-kaggle" else "terabyte"
+            r = self.stage("prepare", [_bin("prepare-criteo"), "--input", str(self.raw / meta.get("file", "train.txt")), "--output",
+                                       str(self.prepared), "--split", split, "--vocab-threshold", "10",
+                                       "--vocab-partitions", str(o.vocab_partitions), "--overwrite", "--quiet"],
+                           [self.prepared], rows=rows, fresh=[self.prepared])
             r["vocab"] = self.vocab_stats(meta)
         if self.want(todo, "train-hash"):
             r = self.stage("train-hash", self.train_cmd("hash"), [self.runs / "hash"], fresh=[self.runs / "hash"])

@@ -107,7 +107,7 @@ SHAPES = {
     # One Terabyte day: day_0 has 195,841,983 lines; a day's CTR is about 3.3%. The preset's
     # cardinalities count 24 days, so one day at scale 1 has more distinct values than a real day
     # (a heavier test of the converter and the vocabulary, not a lighter one).
-    "criteo-1tb-day": Shape("criteo-1tb-day", 195_841_983, "criteo_1tb", 0.033, "day_23", "terabyte"),
+    "criteo-1tb-day": Shape("criteo-1tb-day", 195_841_983, "criteo_1tb", 0.033, "day_0", "terabyte"),
 }
 
 
@@ -445,11 +445,12 @@ class BinnedAUC:
 
 
 def scored_ranges(shape: Shape, rows: int) -> dict[str, tuple[int, int]]:
-    """The line ranges ``prepare-criteo --split`` routes to val and test (see its routing)."""
+    """The line ranges the oracle scores: for Kaggle those ``prepare-criteo --split kaggle`` routes
+    to val and test (see its routing)."""
     if shape.split == "kaggle":  # floor(N / 14) test lines at the end, the val lines before them
         n_test = n_val = rows // 14
         return {"val": (rows - n_val - n_test, rows - n_test), "test": (rows - n_test, rows)}
-    return {"val": (0, rows // 2), "test": (rows // 2, rows)}  # day_23: first half val, second test
+    return {"all": (0, rows)}  # a training day (day_0): the oracle over all its rows
 
 
 def generate(out_dir: str | os.PathLike, *, like: str = "criteo-kaggle", scale: float = 1.0, seed: int = 0,
@@ -543,7 +544,7 @@ Kaggle's exponents (the same fields, logged by the same system)."""
 @dataclass
 class GenOptions:
     out: str
-    """Output folder: the raw file (train.txt, or day_23 for a Terabyte day) and criteo_like.json."""
+    """Output folder: the raw file (train.txt, or day_0 for a Terabyte day) and criteo_like.json."""
     like: str = field(default="criteo-kaggle", metadata={"choices": tuple(SHAPES)})
     """The data set whose shape to copy: rows, cardinalities, null rates, CTR."""
     scale: float = 1.0
@@ -579,10 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"deepfm-gen-criteo: error: {e}", file=sys.stderr)
         return 2
-    val = meta["oracle"]["val"]
+    split, scored = next(iter(meta["oracle"].items()))
     print(f"deepfm-gen-criteo: wrote {Path(args.out) / meta['file']}: {meta['rows']:,} rows, "
           f"{meta['bytes'] / 1e9:.2f} GB, CTR {meta['ctr']:.4f}, in {meta['seconds']:.0f} s\n"
-          f"oracle on the validation rows ({val['rows']:,}): AUC {val['auc']:.4f}, logloss {val['logloss']:.4f}")
+          f"oracle on the {split} rows ({scored['rows']:,}): AUC {scored['auc']:.4f}, logloss {scored['logloss']:.4f}")
     return 0
 
 
