@@ -134,3 +134,22 @@ def test_deepfm_plan_flag_errors(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_host_budget_counts_the_reclaimable_page_cache(tmp_path):
+    """After a large data set was read, free pages are few and the page cache holds the rest:
+    the ranks' budget is MemAvailable (capped by a cgroup's limit less its own non-cache use)."""
+    from deepfm_dist.distributed.planning import available_host_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25000000 kB\nMemFree:         1000000 kB\nMemAvailable:   23000000 kB\n")
+    no_cgroup = tmp_path / "none"
+    assert available_host_bytes(str(meminfo), str(no_cgroup)) == 23000000 * 1024
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "memory.max").write_text(f"{16 * 2**30}\n")
+    (cg / "memory.current").write_text(f"{12 * 2**30}\n")
+    (cg / "memory.stat").write_text(f"anon {2 * 2**30}\nfile {10 * 2**30}\n")
+    assert available_host_bytes(str(meminfo), str(cg)) == 14 * 2**30  # 16 GiB limit - 2 GiB not cache
+    (cg / "memory.max").write_text("max\n")
+    assert available_host_bytes(str(meminfo), str(cg)) == 23000000 * 1024

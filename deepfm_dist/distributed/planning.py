@@ -161,9 +161,41 @@ def size(n: float) -> str:
     return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"
 
 
+def available_host_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int:
+    """Host memory this node can still give: Linux's MemAvailable (free memory plus the page cache
+    it can reclaim), capped by this cgroup's limit (cgroup v2). Not the free pages alone: after
+    reading or writing a data set of several GB the page cache holds nearly all of memory, free
+    pages shrink to a few GB, and the Kaggle tables were refused on a host with 23 GB available.
+    Elsewhere than Linux, the free pages."""
+    available = None
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        with open(os.path.join(cgroup, "memory.max")) as f:
+            limit = f.read().strip()
+        with open(os.path.join(cgroup, "memory.current")) as f:
+            used = int(f.read().strip())
+        with open(os.path.join(cgroup, "memory.stat")) as f:  # its page cache is reclaimable too
+            stat = dict(line.split() for line in f if line.strip())
+        used -= int(stat.get("file", 0))
+        if limit != "max":
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
 def host_share(ranks_on_node: int) -> int:
-    """This node's free memory shared by its ranks."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // max(1, ranks_on_node)
+    """This node's available memory shared by its ranks."""
+    return available_host_bytes() // max(1, ranks_on_node)
 
 
 def cpu_budget_bytes(cfg: Config, ranks_on_node: int) -> int:
