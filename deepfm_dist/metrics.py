@@ -9,25 +9,37 @@ from torch.nn import functional as F
 
 
 def exact_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney U) formula, ties given their average rank.
+    """ROC AUC, exact: the probability that a random positive scores above a random negative,
+    ties counting 1/2 (the rank-sum / Mann-Whitney U statistic with average ranks).
 
-    Equals the probability that a random positive scores above a random negative, counting
-    ties as 1/2. scores, labels: [N]. Returns nan when one class is absent.
+    One sort of the scores in their own dtype, then per group of tied scores its positives and
+    negatives from running counts; the sums are integers, so the result does not depend on the
+    order of the rows. Memory is about 21 bytes a row for float32 scores (the sort's indices,
+    one running count), not the several float64 copies a rank-based formula needs: on rank 0 of
+    a Terabyte-day evaluation that is the difference between ~2 and ~6 GB.
+
+    scores, labels: [N] (labels 0/1). Returns nan when one class is absent.
     """
-    scores = scores.double().flatten()
-    labels = labels.double().flatten()
+    scores, positive = scores.flatten(), labels.flatten() > 0.5
     n = scores.numel()
-    n_pos = float(labels.sum())
+    n_pos = int(positive.sum())
     n_neg = n - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     sorted_scores, order = torch.sort(scores)
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()  # 1-based rank of each tie group's last member
-    avg_rank = ends - (counts.double() - 1) / 2
-    ranks = avg_rank[inverse]
-    pos_rank_sum = float((ranks * labels[order]).sum())
-    return (pos_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    positive = positive[order]
+    del order
+    last = torch.ones(n, dtype=torch.bool, device=scores.device)  # last row of each tie group
+    last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+    del sorted_scores
+    ends = last.nonzero().squeeze(1)  # [G] index of each group's last row
+    pos_upto = torch.cumsum(positive, 0)[ends]  # positives up to each group's end
+    neg_upto = ends + 1 - pos_upto
+    pos = torch.diff(pos_upto, prepend=pos_upto.new_zeros(1))
+    neg = torch.diff(neg_upto, prepend=neg_upto.new_zeros(1))
+    below = int((pos * (neg_upto - neg)).sum())  # pairs with the negative strictly below
+    tied = int((pos * neg).sum())
+    return (2 * below + tied) / (2 * n_pos * n_neg)  # Python integers: exact up to the division
 
 
 def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -58,3 +58,21 @@ def test_normalized_entropy_and_calibration_against_numpy():
     assert math.isclose(normalized_entropy(base, labels), 1.0, rel_tol=1e-9)
     assert math.isclose(calibration(base, labels), 1.0, rel_tol=1e-9)
     assert math.isnan(normalized_entropy(logits, torch.zeros(5000))) and math.isnan(calibration(logits, torch.zeros(5000)))
+
+
+def test_auc_matches_a_rank_sum_reference_on_many_rows_with_ties():
+    """Against the rank-sum formula with average ranks (numpy, float64), on rows with many tied
+    scores: float32 logits rounded to 3 decimals."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    labels = (rng.random(200_000) < 0.25).astype(np.int64)
+    scores = np.round(rng.normal(size=200_000) + labels, 3).astype(np.float32)
+    order = np.argsort(scores, kind="stable")
+    values, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts).astype(np.float64)
+    ranks = (ends - (counts - 1) / 2)[inverse]
+    n_pos = labels.sum()
+    n_neg = labels.size - n_pos
+    reference = (float((ranks * labels[order]).sum()) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    assert math.isclose(exact_auc(torch.from_numpy(scores), torch.from_numpy(labels)), reference, rel_tol=1e-12)
