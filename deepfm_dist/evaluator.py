@@ -3,6 +3,10 @@ AUC, logloss, normalized entropy and calibration over every rank's validation ro
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -33,18 +37,20 @@ def evaluate(model: nn.Module, reader, env: DistEnv, precision: str = "fp32") ->
     """Score this rank's share of the validation set; ``metrics.global_metrics`` over all
     ranks' rows (auc, logloss, ne, calibration, rows)."""
     sync_dense_buffers(model, env)
+    release_host_memory()
     model.eval()
-    logits, labels, weights = [], [], []
+    logits, labels = [], []
     for batch in reader:
         batch = batch.to(env.device, non_blocking=True)
         with autocast(env.device, precision):
             _, (_, lg, lb, w) = model(batch)
-        logits.append(lg.float())
-        labels.append(lb)
-        weights.append(w)
+        # Only the real rows (padding has weight 0), as new tensors: what a batch's outputs
+        # reference (its input buffers, the model's) must not stay alive for the whole pass.
+        real = w > 0
+        logits.append(lg.float()[real])
+        labels.append(lb.float()[real])
     model.train()
-    keep = torch.cat(weights) > 0  # padding rows (weight 0) are not scored
-    return global_metrics(torch.cat(logits)[keep], torch.cat(labels)[keep].float())
+    return global_metrics(torch.cat(logits), torch.cat(labels))
 
 
 class Evaluator:
@@ -72,3 +78,24 @@ class Evaluator:
 
     def last_step(self) -> int | None:
         return self.results[-1]["step"] if self.results else None
+
+
+def release_host_memory() -> None:
+    """Hands memory freed by finished work back to the OS before the next phase allocates its own:
+    Arrow's pool (mimalloc keeps each thread's freed pages) and glibc's heap (the launchers set
+    MALLOC_TRIM_THRESHOLD_ high so that steps reuse their buffers). Without it the training
+    loader's freed row groups stay resident while the validation loader reads its own."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
