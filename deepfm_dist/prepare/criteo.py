@@ -106,7 +106,7 @@ class PrepareConfig:
     0 skips the vocabulary pass."""
     vocab_partitions: int = 1
     """--vocab-partitions: count each column in at least this many passes (more are taken where one
-    pass would hold over 4M distinct values): memory per pass is bounded whatever the data size."""
+    pass would hold over 2M distinct values): memory per pass is bounded whatever the data size."""
     overwrite: bool = False
     """--overwrite: delete an earlier conversion in --output (made with other settings)."""
     progress: bool = True

@@ -54,8 +54,9 @@ def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
     return values[starts], np.add.reduceat(counts, starts)
 
 
-MAX_DISTINCT_PER_PASS = 1 << 22
-"""Distinct values one counting pass may hold (64 MB of values and counts, ~3x while merging)."""
+MAX_DISTINCT_PER_PASS = 1 << 21
+"""Distinct values one counting pass may hold (32 MB of values and counts; a merge of the held
+and the pending values takes ~4x that)."""
 
 
 class TooManyValues(Exception):
@@ -90,7 +91,7 @@ def count_values(files: list[str], column: str, partitions: int = 1, partition: 
                 pending_size += u.size
                 # Merge once the pending pieces outgrow the total so far: each value is
                 # re-sorted O(log) times overall, and memory stays ~3x the distinct count.
-                if pending_size > max(acc[0].size, 1 << 22):
+                if pending_size > max(acc[0].size, (limit or 1 << 23) // 2):
                     acc = _merge([acc, *pending])
                     pending, pending_size = [], 0
                     if limit and acc[0].size > limit:
