@@ -244,15 +244,22 @@ class Rehearsal:
                   file=sys.stderr)
         return result
 
-    def training(self, result: dict[str, Any], run: str) -> None:
-        """Adds a training stage's samples/s, AUC and each rank's peak beside the plan's bytes."""
+    def training(self, result: dict[str, Any], run: str, steps_before: int = 0) -> None:
+        """Adds a training stage's samples/s, AUC and each rank's peak beside the plan's bytes
+        (a resume's rows: those of the steps it added)."""
         summary = _read_json(self.runs / run / "summary.json")
-        plan = _read_json(self.runs / run / "plan.json")
-        result["rows"] = summary.get("train_samples")
-        result["rows_per_s"] = round(summary["train_samples"] / result["wall_s"]) if summary.get("train_samples") else None
+        steps = summary.get("steps")
+        if steps:
+            rows = (steps - steps_before) * self.opts.nproc * summary["config"]["train"]["batch_size"]
+            result["rows"], result["rows_per_s"] = rows, round(rows / result["wall_s"])
         result["samples_per_s"] = round(summary.get("train_samples_per_s") or 0) or None
         result["val_auc"] = summary.get("val_auc")
-        result["steps"] = summary.get("steps")
+        result["steps"] = steps
+        self.within_plan(result, run)
+
+    def within_plan(self, result: dict[str, Any], run: str) -> None:
+        """Each rank's peak against ``PLAN_FACTOR`` x its bytes in ``run``'s plan + ``PLAN_SLACK_MB``."""
+        plan = _read_json(self.runs / run / "plan.json")
         planned = {r["rank"]: (r["ddr_bytes"] + r["hbm_bytes"]) / 2**20 for r in plan.get("ranks", [])}
         ranks = {p["process"]: p["mb"] for p in result["peak_rss_mb"] if p["process"].startswith("rank")
                  and "/" not in p["process"]}
@@ -297,7 +304,7 @@ class Rehearsal:
             before = disk_bytes(self.runs / "hash")
             r = self.stage("resume", self.train_cmd("hash", "--resume", "--train.epochs=2",
                                                     f"--train.max_steps={done + o.resume_steps}"), [self.runs / "hash"])
-            self.training(r, "hash")
+            self.training(r, "hash", steps_before=done)
             r["disk_mb"] = round((disk_bytes(self.runs / "hash") - before) / 1e6, 1)
         if self.want(todo, "predict"):
             test_rows = meta.get("oracle", {}).get("test", {}).get("rows")
@@ -306,6 +313,7 @@ class Rehearsal:
                                        "--data", str(self.prepared / "test"), "--out", str(self.dir / "predictions"),
                                        "--overwrite"], [self.dir / "predictions"], rows=test_rows)
             r["test_auc"] = _read_json(self.dir / "predictions" / "_summary.json").get("auc")
+            self.within_plan(r, "hash")  # the model is sharded as it was trained
         if self.want(todo, "export"):
             out = self.dir / "model.pt"
             self.stage("export", [_bin("deepfm-export"), str(self.runs / "hash" / "checkpoints"), "--out", str(out),
