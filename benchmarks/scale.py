@@ -375,7 +375,7 @@ def print_table(result: dict[str, Any]) -> None:
         peaks = ", ".join(f"{p['process']} {p['mb']}" for p in s["peak_rss_mb"])
         extra = ""
         if "plan_mb" in s:
-            extra = f" | plan MB/rank {s['plan_mb']}, within: {s['memory_within_plan']}, samples/s {s['samples_per_s']}"
+            extra = f" | plan MB/rank {s['plan_mb']}, within: {s['memory_within_plan']}, samples/s {s.get('samples_per_s')}"
         rate = f"{s['rows_per_s']:,}" if s.get("rows_per_s") else "-"
         print(f"{s['name']:<20} {s['wall_s']:>8} {rate:>10} {s['disk_mb']:>9}  {peaks}{extra}"
               + ("" if s["rc"] == 0 else f"  FAILED (exit {s['rc']})"))
