@@ -99,3 +99,13 @@ def test_cli_reuses_a_complete_file_and_rejects_bad_flags(tmp_path, capsys):
         cl.main(["--out", str(out), "--scale", "0"])
     assert e.value.code == 2
     assert "--scale: expected a fraction > 0" in capsys.readouterr().err
+
+
+def test_a_terabyte_day_reaches_its_distinct_counts():
+    """Terabyte's columns take the exponent and null rate of the Kaggle column of the nearest
+    size; with them a quarter day can show every column's target of distinct values."""
+    shape = cl.SHAPES["criteo-1tb-day"]
+    params = cl.column_params(shape, 0.25, cl.EXPONENTS["criteo-1tb-day"], cl.NULL_RATES["criteo-1tb-day"])
+    assert all(p.expected_distinct >= 0.99 * p.target_distinct for p in params)
+    big = max(range(26), key=lambda f: params[f].target_distinct)
+    assert params[big].target_distinct == round(cl.preset_cardinalities("criteo_1tb")[big] * 0.25)

@@ -220,20 +220,24 @@ class ColumnParams:
     expected_distinct: int
     """Expected distinct values over the file's rows (below the target only where the rows are too few
     to show them all)."""
+    null_rate: float
+    """Share of rows where the column is empty."""
 
 
-def column_params(shape: Shape, scale: float, exponents: list[float]) -> list[ColumnParams]:
+def column_params(shape: Shape, scale: float, exponents: list[float],
+                  null_rates: list[float] | None = None) -> list[ColumnParams]:
     """Per categorical column, the universe that gives ``scale`` x the preset's distinct count
     over ``scale`` x the shape's rows (all values of a small domain)."""
     rows = scaled_rows(shape, scale)
     out = []
     for f, (card, a) in enumerate(zip(preset_cardinalities(shape.preset), exponents)):
         target = card if card <= SMALL_DOMAIN else max(SMALL_DOMAIN, round(card * scale))
-        draws = rows * (1.0 - SPARSE_NULL[f])
+        null_rate = (null_rates or SPARSE_NULL)[f]
+        draws = rows * (1.0 - null_rate)
         universe = solve_universe(a, target, draws)
         if universe is None:  # too few rows for this law to show that many values: offer them all
             universe = float(target)
-        out.append(ColumnParams(target, a, universe, round(expected_counts(a, universe, draws)[0])))
+        out.append(ColumnParams(target, a, universe, round(expected_counts(a, universe, draws)[0]), null_rate))
     return out
 
 
@@ -324,7 +328,7 @@ def draw_features(columns: list[ColumnParams], rng: np.random.Generator, n: int)
     ranks = np.empty((n, NUM_SPARSE), dtype=np.int64)
     for f, col in enumerate(columns):
         r = _inverse_cdf(rng.random(n), col.exponent, col.universe)
-        r[rng.random(n) < SPARSE_NULL[f]] = -1
+        r[rng.random(n) < col.null_rate] = -1
         ranks[:, f] = r
     dense = np.empty((n, NUM_DENSE))
     for d in range(NUM_DENSE):
@@ -460,7 +464,7 @@ def generate(out_dir: str | os.PathLike, *, like: str = "criteo-kaggle", scale: 
     shape = SHAPES[like]
     rows = scaled_rows(shape, scale)
     start = time.perf_counter()
-    columns = column_params(shape, scale, EXPONENTS[like])
+    columns = column_params(shape, scale, EXPONENTS[like], NULL_RATES[like])
     model = PlantedModel(seed, columns)
     model.calibrate(first_std, pairwise_std, dense_std, shape.ctr)
     job = _Job(model, rows, scored_ranges(shape, rows))
@@ -514,7 +518,7 @@ def generate(out_dir: str | os.PathLike, *, like: str = "criteo-kaggle", scale: 
         "oracle": {split: acc.result() for split, acc in oracle.items()},
         "columns": {f"C{f + 1}": {"target_distinct": c.target_distinct, "exponent": c.exponent,
                                   "universe": round(c.universe),
-                                  "expected_distinct": c.expected_distinct, "null_rate": SPARSE_NULL[f]}
+                                  "expected_distinct": c.expected_distinct, "null_rate": c.null_rate}
                     for f, c in enumerate(columns)},
         "model": {"first_std": first_std, "pairwise_std": pairwise_std, "dense_std": dense_std,
                   "latent_dim": model.latent_dim, "signal_rank_scale": model.signal_rank_scale, "bias": model.bias},
@@ -536,9 +540,20 @@ def _progress(on: bool, done: int, total: int, start: float) -> None:
 KAGGLE_EXPONENTS = [1.0, 2.44, 1.0599, 1.143, 1.0, 3.0, 1.5316, 1.0, 1.0, 1.3356, 1.7303, 1.0692, 1.0, 3.0, 1.5705,
                     1.0906, 1.0, 1.77, 1.8938, 3.0, 1.0773, 3.0, 1.0, 1.2808, 3.0, 1.2531]  # fmt: skip
 """``fit_kaggle_exponents()``'s result (it takes ~20 s; tests/test_criteo_like.py checks it still holds)."""
-EXPONENTS = {"criteo-kaggle": KAGGLE_EXPONENTS, "criteo-1tb-day": KAGGLE_EXPONENTS}
-"""Per shape, C1..C26. No per-column statistics of a Terabyte day were found to fit, so a day takes
-Kaggle's exponents (the same fields, logged by the same system)."""
+
+
+def _nearest_kaggle_columns(cardinalities: list[int]) -> list[int]:
+    """For another data set's columns, the Kaggle column nearest in log-cardinality (in Terabyte
+    the same column names hold fields of other sizes)."""
+    kaggle = np.log(np.array(preset_cardinalities("criteo_kaggle"), dtype=np.float64))
+    return [int(np.argmin(np.abs(kaggle - math.log(c)))) for c in cardinalities]
+
+
+_TB_LIKE = _nearest_kaggle_columns(preset_cardinalities("criteo_1tb"))
+EXPONENTS = {"criteo-kaggle": KAGGLE_EXPONENTS, "criteo-1tb-day": [KAGGLE_EXPONENTS[k] for k in _TB_LIKE]}
+NULL_RATES = {"criteo-kaggle": SPARSE_NULL, "criteo-1tb-day": [SPARSE_NULL[k] for k in _TB_LIKE]}
+"""Per shape, C1..C26. No per-column statistics of a Terabyte day were found to fit: each of its
+columns takes the exponent and null rate of the Kaggle column of the nearest size."""
 
 
 @dataclass
