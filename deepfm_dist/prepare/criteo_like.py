@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     split, scored = next(iter(meta["oracle"].items()))
     print(f"deepfm-gen-criteo: wrote {Path(args.out) / meta['file']}: {meta['rows']:,} rows, "
           f"{meta['bytes'] / 1e9:.2f} GB, CTR {meta['ctr']:.4f}, in {meta['seconds']:.0f} s\n"
-          f"oracle on the {split} rows ({scored['rows']:,}): AUC {scored['auc']:.4f}, logloss {scored['logloss']:.4f}")
+          f"oracle on {'all' if split == 'all' else 'the ' + split} rows ({scored['rows']:,}): AUC {scored['auc']:.4f}, logloss {scored['logloss']:.4f}")
     return 0
 
 
