@@ -15,7 +15,7 @@ value's *rank* r is drawn from a power law over ``[0, U_f)``, density proportion
 number of distinct values over the file's rows equals the target (``--scale`` x the preset's
 cardinality; columns of at most ``SMALL_DOMAIN`` values keep all of them), and ``a_f`` so the
 number of values seen at least 10 times in Kaggle's training rows matches the published count
-(``SURVIVORS_AT_10``): most values rare, a few very frequent, as in Criteo.
+(``KAGGLE_KEPT_AT_10``): most values rare, a few very frequent, as in Criteo.
 Integer columns are heavy-tailed counts with Criteo's null rates; I2 also takes -1, -2, -3.
 
 **Labels.** ``logit = bias + sum_f w_f(r_f) + sum_{f<g} <v_f(r_f), v_g(r_g)> + beta . log1p(I)``,

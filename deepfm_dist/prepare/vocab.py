@@ -78,7 +78,6 @@ def count_values(files: list[str], column: str, partitions: int = 1, partition: 
     acc: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     pending_size = rows_read = 0
-    total_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files) if limit else 0
     for path in files:
         with pq.ParquetFile(path) as pf:
             for batch in pf.iter_batches(columns=[column], batch_size=1 << 20):
@@ -95,6 +94,7 @@ def count_values(files: list[str], column: str, partitions: int = 1, partition: 
                     acc = _merge([acc, *pending])
                     pending, pending_size = [], 0
                     if limit and acc[0].size > limit:
+                        total_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
                         raise TooManyValues(acc[0].size * partitions * total_rows // rows_read)
     acc = _merge([acc, *pending])
     if limit and acc[0].size > limit:
