@@ -11,6 +11,7 @@ allowed. Values from the command line arrive as strings and are parsed by the fi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -666,3 +667,27 @@ def load_config(argv: list[str]) -> Config:
     path, overrides = parse_overrides(argv)
     base = read_toml(path or default_config_path())
     return build_config(_merge(base, overrides))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {value!r}")  # a bug in this module: config values are the above
+
+
+def to_toml(cfg: Config) -> str:
+    """The whole configuration as a TOML file that ``--config`` reads back to an equal Config
+    (every key written, so it does not depend on the defaults of a later version)."""
+    tree = cfg.to_dict()
+    lines = [f"{k} = {_toml_value(tree[k])}" for k in TOP_LEVEL]
+    for name in SECTIONS:
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in tree[name].items()]
+    return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 
-from deepfm_dist.fsutil import write_json_atomic
+from deepfm_dist.fsutil import finished_run_summary, write_json_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,15 +38,6 @@ def parse_days(spec: str) -> list[int]:
     if len(days) < 2:
         raise ValueError(f"--days {spec!r}: at least two days (train on one, evaluate on the next)")
     return days
-
-
-def _finished(summary_path: str) -> bool:
-    """The day's run completed (not stopped by a signal, which also writes a summary)."""
-    try:
-        with open(summary_path) as f:
-            return not json.load(f).get("stopped_by_signal", False)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         run = os.path.join(args.run_dir, f"day_{day}")
         nxt = days[k + 1]
         summary_path = os.path.join(run, "summary.json")
-        if not _finished(summary_path):
+        if finished_run_summary(run) is None:
             cmd = [args.launcher, f"--data.train={args.day_glob.format(day=day)}",
                    f"--data.val={args.day_glob.format(day=nxt)}", f"--run_dir={run}", "--resume", *extra]
             if previous is not None:

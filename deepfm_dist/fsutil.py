@@ -28,3 +28,14 @@ def write_json_atomic(path: str, obj: Any, indent: int = 2, tmp: str | None = No
         except FileNotFoundError:
             pass
         raise
+
+
+def finished_run_summary(run_dir: str) -> dict[str, Any] | None:
+    """A run's ``summary.json`` when the run completed; None when it is missing, unreadable, or
+    was written by a run that a stop signal ended (it continues with ``--resume``)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            s = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return None if not isinstance(s, dict) or s.get("stopped_by_signal", False) else s
