@@ -30,6 +30,7 @@ SHARDING_TYPES = (
 EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam")
 CPU_EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 LR_DECAYS = ("none", "step", "linear", "cosine")
+BATCH_SCALINGS = ("none", "sqrt", "linear")
 PRECISIONS = ("fp32", "bf16", "auto")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 BEST_METRICS = ("auc", "logloss", "ne", "none")
@@ -316,6 +317,13 @@ class OptimizerConfig:
     """Factor applied every decay_steps by step decay."""
     min_lr_ratio: float = 0.0
     """Final learning rate of linear/cosine decay, as a fraction of the base rate."""
+    batch_scaling: str = "none"
+    """How both learning rates follow the global batch B (train.batch_size x world size): none (the
+    rates as given at any B), sqrt (x sqrt(B / reference_batch): the square-root rule of adaptive
+    optimizers such as Adam and Adagrad) or linear (x B / reference_batch). The run logs the rates
+    it uses."""
+    reference_batch: int = 4096
+    """The global batch at which ``embedding_lr`` and ``dense_lr`` are given, for ``batch_scaling``."""
 
     def __post_init__(self) -> None:
         _require(self.embedding in EMBEDDING_OPTIMIZERS, "optimizer.embedding", self.embedding, f"one of {', '.join(EMBEDDING_OPTIMIZERS)}")
@@ -335,6 +343,9 @@ class OptimizerConfig:
         )
         _require(0 < self.decay_gamma <= 1, "optimizer.decay_gamma", self.decay_gamma, "a factor in (0, 1]")
         _require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]")
+        _require(self.batch_scaling in BATCH_SCALINGS, "optimizer.batch_scaling", self.batch_scaling,
+                 f"one of {', '.join(BATCH_SCALINGS)}")
+        _require(self.reference_batch >= 1, "optimizer.reference_batch", self.reference_batch, "a positive integer")
 
 
 @dataclass
@@ -343,6 +354,10 @@ class TrainConfig:
     """Passes over the training data."""
     batch_size: int = 2048
     """Per-rank batch size; the global batch is batch_size * world_size."""
+    global_batch_size: int = 0
+    """The global batch instead (0: unset): each rank then takes global_batch_size / world_size
+    rows (it must divide), replacing ``batch_size``, whatever the number of ranks; the run
+    records the per-rank size it used. Published settings (e.g. FuxiCTR's batch_size) are global."""
     val_batch_size: int = 0
     """Per-rank validation batch size (0: same as batch_size)."""
     max_steps: int = 0
@@ -390,6 +405,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
+        _require(self.global_batch_size >= 0, "train.global_batch_size", self.global_batch_size,
+                 "an integer >= 0 (0: use train.batch_size per rank)")
         _require(self.val_batch_size >= 0, "train.val_batch_size", self.val_batch_size, "an integer >= 0")
         _require(self.max_steps >= 0, "train.max_steps", self.max_steps, "an integer >= 0")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "a positive integer")

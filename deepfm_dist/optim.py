@@ -91,6 +91,12 @@ def lr_factor(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
+def batch_scale(cfg: OptimizerConfig, global_batch: int) -> float:
+    """Multiplier of both base rates at this global batch (``optimizer.batch_scaling``)."""
+    ratio = global_batch / cfg.reference_batch
+    return {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[cfg.batch_scaling]
+
+
 def set_learning_rates(opts: Optimizers, cfg: OptimizerConfig, factor: float) -> None:
     """Scale both groups. The fused kernels read the new rate at ``zero_grad``/``step``, i.e.
     before the backward that applies the next update."""

@@ -27,7 +27,7 @@ from deepfm_dist.evaluator import Evaluator
 from deepfm_dist.fsutil import write_json_atomic
 from deepfm_dist.health import HealthCheck
 from deepfm_dist.logs import MetricsLogger, RankLogger, quiet_library_noise
-from deepfm_dist.optim import build_optimizers, check_embedding_optimizer, lr_factor, set_learning_rates
+from deepfm_dist.optim import batch_scale, build_optimizers, check_embedding_optimizer, lr_factor, set_learning_rates
 from deepfm_dist.step import Stepper, build_model, check_precision, resolve_precision
 from deepfm_dist.versions import check_torchrec
 
@@ -96,6 +96,11 @@ class Trainer:
             cfg.train.precision = resolve_precision("auto", env.device.type)
             self.log(f"train.precision=auto: {cfg.train.precision} on this {env.device.type}")
         check_precision(cfg.train.precision, env.device.type)
+        if cfg.train.global_batch_size:
+            if cfg.train.global_batch_size % env.world_size:
+                raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size}: expected a multiple of the "
+                                 f"world size ({env.world_size}), so that every rank takes the same rows")
+            cfg.train.batch_size = cfg.train.global_batch_size // env.world_size  # recorded as run
         self.threads, self.cores = setup_cpu_rank(env, cfg.train.threads, cfg.train.pin_cpus)
         self.train_reader = make_reader(cfg, env, train_files, train=True)
         self.val_reader = make_reader(cfg, env, val_files, train=False)
@@ -119,6 +124,12 @@ class Trainer:
             write_json_atomic(self.plan_path, plan_report.to_json(), indent=1)  # as deepfm-plan --json writes it
             self.log(f"sharding plan ({plan_report.world_size} x {plan_report.device}):\n" + format_report(plan_report))
         self.global_batch = cfg.train.batch_size * env.world_size
+        self.lr_scale = batch_scale(cfg.optimizer, self.global_batch)
+        if cfg.optimizer.batch_scaling != "none":
+            self.log(f"learning rates at global batch {self.global_batch}: embedding "
+                     f"{cfg.optimizer.embedding_lr * self.lr_scale:.4g}, dense {cfg.optimizer.dense_lr * self.lr_scale:.4g} "
+                     f"(optimizer.batch_scaling={cfg.optimizer.batch_scaling}: x{self.lr_scale:.3g} of the rates "
+                     f"given at optimizer.reference_batch={cfg.optimizer.reference_batch})")
         self.steps_per_epoch = len(self.train_reader)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
@@ -219,7 +230,8 @@ class Trainer:
 
     def one_step(self, stepper: Stepper, batches) -> None:
         """The learning rate of this step, the step, and its bookkeeping (no host sync)."""
-        set_learning_rates(self.opts, self.cfg.optimizer, lr_factor(self.cfg.optimizer, self.state.step, self.total_steps))
+        factor = lr_factor(self.cfg.optimizer, self.state.step, self.total_steps) * self.lr_scale
+        set_learning_rates(self.opts, self.cfg.optimizer, factor)
         t0 = time.perf_counter()
         loss = stepper(batches)  # StopIteration at the end of the batches passes through
         self.train_seconds += time.perf_counter() - t0

@@ -148,7 +148,8 @@ def test_criteo_recipe_with_a_vocabulary_end_to_end(tmp_path):
     # GPU-only (FBGEMM), so CPU ranks take row-wise Adagrad as the preset says.
     s = main(["--config", "deepfm_criteo_x1", f"--data.train={out}/train", f"--data.val={out}/val",
               f"--run_dir={run}", f"--data.vocab={out}", "--optimizer.embedding=rowwise_adagrad",
-              "--optimizer.embedding_lr=0.05", "--train.epochs=2", "--train.batch_size=512", "--train.progress=false"])
+              "--optimizer.embedding_lr=0.05", "--train.epochs=2", "--train.global_batch_size=512",
+              "--train.progress=false"])
     assert s["config"]["data"]["num_embeddings_per_feature"] == sizes and len(s["config"]["data"]["vocab_sha256"]) == 64
     assert all(k in s for k in ("val_auc", "val_ne", "val_calibration"))
     plan = json.loads((run / "plan.json").read_text())

@@ -17,7 +17,7 @@ import torch
 from deepfm_dist import checkpoint as ckpt
 from deepfm_dist.config import OptimizerConfig
 from deepfm_dist.export import consolidate
-from deepfm_dist.optim import lr_factor
+from deepfm_dist.optim import batch_scale, lr_factor
 from deepfm_dist.train import main
 from tests.conftest import small_args
 from tests.distributed_helpers import launch
@@ -205,6 +205,26 @@ def test_lr_schedule_shapes():
     assert lr_factor(lin, 0, 11) == 1.0 and math.isclose(lr_factor(lin, 10, 11), 0.1)
     cos = OptimizerConfig(warmup_steps=2, decay="cosine")
     assert lr_factor(cos, 2, 13) == 1.0 and math.isclose(lr_factor(cos, 7, 13), 0.5) and lr_factor(cos, 12, 13) == 0.0
+
+
+def test_batch_scaling_rule_scales_both_rates_and_global_batch_splits_over_ranks(tiny_data, tmp_path):
+    """sqrt rule at global batch 512 from rates given at 2048 (x0.5) trains exactly as the halved
+    rates given directly; train.global_batch_size=512 on 2 ranks is train.batch_size=256."""
+    assert batch_scale(OptimizerConfig(batch_scaling="sqrt", reference_batch=2048), 512) == 0.5
+    assert batch_scale(OptimizerConfig(batch_scaling="linear", reference_batch=2048), 512) == 0.25
+    assert batch_scale(OptimizerConfig(batch_scaling="none", reference_batch=2048), 512) == 1.0
+    data, _ = tiny_data
+    short = ("--train.epochs=1", "--train.max_steps=6", "--train.log_every=1", "--checkpoint.at_end=false")
+    launch(main, (small_args(data, tmp_path / "rule", *short, "--train.global_batch_size=512",
+                             "--optimizer.batch_scaling=sqrt", "--optimizer.reference_batch=2048"),), nproc=2)
+    launch(main, (small_args(data, tmp_path / "given", *short, "--optimizer.embedding_lr=0.05",
+                             "--optimizer.dense_lr=0.0015"),), nproc=2)
+    rule = json.loads((tmp_path / "rule" / "summary.json").read_text())
+    assert rule["batch_size_per_rank"] == 256 and rule["config"]["train"]["batch_size"] == 256
+    assert [r["lr"] for r in read_metrics(tmp_path / "rule") if "lr" in r][0] == pytest.approx(0.0015)
+    assert losses(tmp_path / "rule") == losses(tmp_path / "given")  # embedding and dense rates both halved
+    with pytest.raises(Exception, match=r"train.global_batch_size=511: expected a multiple of the world size \(2\)"):
+        launch(main, (small_args(data, tmp_path / "odd", *short, "--train.global_batch_size=511"),), nproc=2)
 
 
 def test_unsatisfiable_constraint_names_table_and_constraint():
