@@ -17,6 +17,7 @@ MODES = {
     "gpu_check": ("benchmarks.gpu_check", "GPU acceptance: every GPU path end to end, PASS/FAIL per check"),
     "precision": ("benchmarks.precision", "fp32 vs bf16 training runs over seeds: AUC/logloss/NE/calibration, samples/s"),
     "scale": ("benchmarks.scale", "the whole pipeline (generate, prepare, train, resume, predict, export) at a Criteo scale"),
+    "quality": ("benchmarks.quality", "our DeepFM beside a hashed LR and DeepCTR-Torch's DeepFM: val quality over seeds"),
     "auc": ("benchmarks.auc", "exact evaluation metrics on rank 0 at Terabyte size: time and memory"),
     "compare": ("benchmarks.compare", "ceiling, baseline, step (1 and 2 ranks), e2e in one run; ratios vs targets"),
 }

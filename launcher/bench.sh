@@ -9,6 +9,7 @@
 #   ./launcher/bench.sh ceiling                       # the MLP alone, one process, every core
 #   ./launcher/bench.sh baseline                      # plain single-process PyTorch DeepFM
 #   ./launcher/bench.sh precision --seeds 0,1,2       # fp32 vs bf16 training runs: quality over seeds, samples/s
+#   ./launcher/bench.sh quality --data DIR            # ours vs hashed LR vs DeepCTR-Torch DeepFM, over seeds
 #   ./launcher/bench.sh scale --scale 0.1             # generate -> prepare -> train -> resume -> predict -> export
 #   ./launcher/bench.sh compare                       # all of the above + Kaggle-sized memory run; ratios vs targets
 #   NPROC=1 ./launcher/bench.sh step --tables kaggle --sharding.type=table_wise
@@ -43,6 +44,11 @@ case "$MODE" in
     # Whole training runs (torchrun, NPROC ranks each), fp32 and bf16 over seeds.
     NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
     export_omp_threads "$NPROC" "$(nproc)"
+    exec "$PY" -m benchmarks "$@" --nproc "$NPROC"
+    ;;
+  quality)
+    # Our runs go through launcher/train.sh (NPROC ranks); the reference models run in this process.
+    NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
     exec "$PY" -m benchmarks "$@" --nproc "$NPROC"
     ;;
   scale)

