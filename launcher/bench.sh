@@ -26,6 +26,7 @@ VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 source "$ROOT/launcher/common.sh"  # malloc settings for every rank; shared steps
 
+require_int NPROC 1
 MODE="${1:-}"
 # e2e and compare read the default preset's synthetic Parquet set; make it once (as train.sh does).
 if [[ "$MODE" == "e2e" || "$MODE" == "compare" || "$MODE" == "precision" ]] &&

@@ -14,6 +14,18 @@ export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-4294967296}"
 # large GPU tables; the ranks stop at their next step, so leave them most of Slurm's 300 s warning.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}"
 
+# require_int NAME MIN [MAX]: the knob NAME, if set and not empty, must be an integer in [MIN, MAX]; anything
+# else ends the launcher with one line naming the knob, exit 2 (as a bad config key does), before
+# it divides by it or hands it to torchrun.
+require_int() {
+  local value="${!1-}"
+  [[ -z "$value" ]] && return 0
+  if [[ ! "$value" =~ ^[0-9]{1,9}$ ]] || ((10#$value < $2)) || { [[ -n "${3:-}" ]] && ((10#$value > $3)); }; then
+    echo "$(basename "$0"): $1=${value@Q}: expected an integer >= $2${3:+ and <= $3}" >&2
+    exit 2
+  fi
+}
+
 # default_nproc PYTHON CPU_RANKS: ranks for this node, one per visible GPU, else CPU_RANKS.
 default_nproc() {
   local ngpu

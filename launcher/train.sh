@@ -20,7 +20,11 @@ VENV="${VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 source "$ROOT/launcher/common.sh"  # malloc settings for every rank; shared steps
 
+require_int NPROC 1
+require_int MAX_RESTARTS 0
+require_int MASTER_PORT 1 65535
 NPROC="${NPROC:-$(default_nproc "$PY" 2)}"
+require_int LOG_RANK 0 $((NPROC - 1))
 # --standalone picks a free port; MASTER_PORT pins one (e.g. when several jobs share a node).
 RDZV_ARGS=(--standalone)
 if [[ -n "${MASTER_PORT:-}" ]]; then RDZV_ARGS=(--master_addr=127.0.0.1 --master_port="$MASTER_PORT"); fi

@@ -15,6 +15,10 @@ source "$ROOT/launcher/common.sh"  # malloc settings for every rank; shared step
 : "${SLURM_NNODES:?not inside a Slurm allocation (SLURM_NNODES unset)}"
 : "${SLURM_JOB_ID:?not inside a Slurm allocation (SLURM_JOB_ID unset)}"
 
+require_int NPROC_PER_NODE 1
+require_int CPU_RANKS_PER_NODE 1
+require_int MAX_RESTARTS 0
+require_int MASTER_PORT 1 65535
 NPROC_PER_NODE="${NPROC_PER_NODE:-$(default_nproc "$VENV/bin/python" "${CPU_RANKS_PER_NODE:-2}")}"
 # Ranks x threads must not exceed the cores given to this task.
 export_omp_threads "$NPROC_PER_NODE" "${SLURM_CPUS_ON_NODE:-$(nproc)}"

@@ -2,7 +2,8 @@
 
 - the Slurm batch script's launch logic with a faked Slurm (2 "nodes" = 2 torchrun agents on
   this machine, c10d rendezvous on 127.0.0.1);
-- shellcheck over every shell script.
+- shellcheck over every shell script;
+- the launchers' knobs (NPROC, MAX_RESTARTS, ...) validated: one line, exit 2.
 
 SIGKILL of a rank under restarts and SIGTERM to the launcher are journeys of the default
 configuration through ``launcher/train.sh`` (test_journeys.py, which also checks the stop step's
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import free_port, small_args
 
@@ -102,3 +105,24 @@ def test_sbatch_stops_when_the_tables_do_not_fit_the_allocation(tiny_data, tmp_p
         result.stderr, result.stderr[-3000:]
     assert "stopped before training" in result.stderr and "2 node(s) x 1 rank(s)" in result.stderr
     assert "job 4242, 2 nodes" not in result.stdout and not (run_dir / "summary.json").exists()  # srun never ran
+
+
+@pytest.mark.parametrize("script, knob, value, expected", [
+    ("launcher/train.sh", "NPROC", "0", "NPROC='0': expected an integer >= 1"),
+    ("launcher/train.sh", "NPROC", "abc", "NPROC='abc': expected an integer >= 1"),
+    ("launcher/train.sh", "MAX_RESTARTS", "-1", "MAX_RESTARTS='-1': expected an integer >= 0"),
+    ("launcher/train.sh", "MASTER_PORT", "70000", "MASTER_PORT='70000': expected an integer >= 1 and <= 65535"),
+    ("launcher/train.sh", "LOG_RANK", "2", "LOG_RANK='2': expected an integer >= 0 and <= 1"),
+    ("launcher/bench.sh", "NPROC", "two", "NPROC='two': expected an integer >= 1"),
+    ("slurm/node.sh", "NPROC_PER_NODE", "0", "NPROC_PER_NODE='0': expected an integer >= 1"),
+    ("slurm/node.sh", "MAX_RESTARTS", "1.5", "MAX_RESTARTS='1.5': expected an integer >= 0"),
+])
+def test_bad_launcher_knobs_are_one_line_exit_2(script, knob, value, expected, tmp_path):
+    """Before anything divides by it or hands it to torchrun (NPROC=0 was a division by zero)."""
+    env = {**os.environ, knob: value, "NPROC": "2", "HEAD_NODE": "127.0.0.1", "SLURM_NNODES": "1",
+           "SLURM_JOB_ID": "1", "RUN_DIR": str(tmp_path / "run")}
+    env[knob] = value
+    done = subprocess.run(["bash", str(ROOT / script), "--train.max_steps=1"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("setup.sh")]
+    assert done.returncode == 2 and lines == [f"{Path(script).name}: {expected}"], done.stderr
