@@ -299,7 +299,8 @@ class OptimizerConfig:
     embedding_eps: float = 1e-8
     """Epsilon of (row-wise) Adagrad / Adam for the tables."""
     embedding_weight_decay: float = 0.0
-    """L2 regularisation of the table rows touched in a step (added to their gradient)."""
+    """L2 regularisation of the table rows touched in a step (added to their gradient). GPU only:
+    FBGEMM's CPU kernels ignore it, so CPU runs refuse a value above 0."""
     dense: str = "adam"
     """Optimizer of the dense parameters (MLP, dense-feature embeddings, bias): adam, adagrad, sgd."""
     dense_lr: float = 1e-3

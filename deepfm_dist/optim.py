@@ -25,6 +25,14 @@ def check_embedding_optimizer(cfg: OptimizerConfig, device_type: str) -> None:
             f"optimizer.embedding={cfg.embedding!r} is not supported on CPU: FBGEMM's fused CPU "
             f"kernel offers {', '.join(CPU_EMBEDDING_OPTIMIZERS)} (adam and partial_rowwise_adam need CUDA)"
         )
+    if device_type == "cpu" and cfg.embedding_weight_decay > 0:
+        # FBGEMM's CPU kernels take the weight-decay arguments and do not apply them: the rows
+        # came out bitwise equal with and without (tests/test_training_system.py).
+        raise ValueError(
+            f"optimizer.embedding_weight_decay={cfg.embedding_weight_decay:g} is not applied on CPU: FBGEMM's "
+            f"fused CPU kernel ignores weight decay, so the run would train without it; set it to 0 on CPU "
+            f"(the CUDA kernels apply it)"
+        )
 
 
 def _dense_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:

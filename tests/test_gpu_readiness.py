@@ -243,3 +243,31 @@ def test_autocast_covers_the_forward_only():
     stepper = Stepper(model, Opt(model.parameters(), lr=0.1), torch.device("cpu"), "bf16", pipelined=False)
     stepper(iter([torch.ones(3)]))
     assert seen == {"forward": True, "backward": False, "step": False}
+
+
+def test_embedding_weight_decay_is_refused_on_cpu_where_fbgemm_ignores_it():
+    """FBGEMM's fused CPU kernel takes weight_decay and does not apply it (the rows move exactly
+    as without it); a CPU run would silently train without regularisation, so it is refused. If
+    this canary fails, FBGEMM applies it now and the refusal can go."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, EmbeddingLocation, SplitTableBatchedEmbeddingBagsCodegen)
+
+    from deepfm_dist.config import OptimizerConfig
+    from deepfm_dist.distributed.sharding import WeightDecayMode
+    from deepfm_dist.optim import check_embedding_optimizer
+
+    moved = []
+    for wd, mode in ((0.0, WeightDecayMode.NONE), (10.0, WeightDecayMode.L2)):
+        torch.manual_seed(0)
+        tbe = SplitTableBatchedEmbeddingBagsCodegen([(10, 8, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                                                    optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.1,
+                                                    weight_decay=wd, weight_decay_mode=mode)
+        before = tbe.split_embedding_weights()[0].clone()
+        tbe(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3])).sum().backward()
+        moved.append(tbe.split_embedding_weights()[0] - before)
+    assert torch.equal(moved[0], moved[1])  # SGD with L2 10 would move each row by 10 x its value more
+    with pytest.raises(ValueError, match=r"optimizer.embedding_weight_decay=1e-05 is not applied on CPU"):
+        check_embedding_optimizer(OptimizerConfig(embedding_weight_decay=1e-5), "cpu")
+    check_embedding_optimizer(OptimizerConfig(embedding_weight_decay=1e-5), "cuda")
+    check_embedding_optimizer(OptimizerConfig(), "cpu")
