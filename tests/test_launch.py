@@ -41,8 +41,9 @@ def fake_slurm_bin(tmp_path: Path, nodes: int) -> Path:
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(textwrap.dedent(f"""\
         #!/usr/bin/env bash
-        # scontrol show hostnames LIST -> one host per node
-        for _ in $(seq {nodes}); do echo 127.0.0.1; done
+        # scontrol show hostnames LIST -> one host per node; the pause lets a reader that stops
+        # after the first line (head -n 1) close the pipe first, as a slow scontrol would.
+        for _ in $(seq {nodes}); do echo 127.0.0.1; sleep 0.2; done
         """))
     (bin_dir / "srun").write_text(textwrap.dedent("""\
         #!/usr/bin/env bash
