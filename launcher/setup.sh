@@ -331,7 +331,8 @@ if [[ -n "$DOWNLOAD" ]]; then
     done
   done
   with_torch_index "${DL[@]}" "${INSTALL_REQS[@]}"
-  quiet "${DL[@]}" --no-deps "torchrec==$TORCHREC_VERSION" "$DEEPCTR_PKG"
+  quiet "${DL[@]}" --no-deps "torchrec==$TORCHREC_VERSION"
+  quiet "${DL[@]}" --no-deps "$DEEPCTR_PKG"
   if ((!DRY_RUN)); then
     echo "setup.sh: $(find "$DOWNLOAD" -maxdepth 1 -type f | wc -l) files, $(du -sh "$DOWNLOAD" | cut -f1) in $DOWNLOAD;" \
       "install with: WHEELHOUSE=$DOWNLOAD FBGEMM_FLAVOR=$FLAVOUR launcher/setup.sh"
@@ -435,7 +436,8 @@ if ((${#INDEX_PKGS[@]})); then
   with_torch_index "${PIP[@]}" install "${SRC[@]}" "${INDEX_PKGS[@]}"
 fi
 quiet "${PIP[@]}" install "${SRC[@]}" "${INSTALL_REQS[@]}"
-quiet "${PIP[@]}" install "${SRC[@]}" --no-deps "torchrec==$TORCHREC_VERSION" "$DEEPCTR_PKG"
+quiet "${PIP[@]}" install "${SRC[@]}" --no-deps "torchrec==$TORCHREC_VERSION"
+quiet "${PIP[@]}" install "${SRC[@]}" --no-deps "$DEEPCTR_PKG"
 quiet "${PIP[@]}" install "${SRC[@]}" --no-deps --no-build-isolation -e "$ROOT"
 
 # The result: the flavour asked for, the pinned fbgemm, everything importable.
