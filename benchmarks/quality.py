@@ -101,13 +101,15 @@ def run_ours(train: str, val: str, seed: int, per_rank: int, epochs: int, nproc:
 
 def _table(name: str, results: dict[str, Any]) -> str:
     lines = [f"### {name}", "",
-             "| model | val AUC mean (spread) | per seed | logloss | NE | calibration |", "|---|---|---|---|---|---|"]
+             "| model | val AUC mean (spread) | per seed | logloss (spread) | NE (spread) | calibration (spread) |", "|---|---|---|---|---|---|"]
     for model, r in results["models"].items():
         s = r["summary"]
         per_seed = " / ".join(f"{x['val_auc']:.4f}" for x in r["runs"])
         lines.append(f"| {model} | {s['val_auc']['mean']:.4f} ({s['val_auc']['spread']:.4f}) | {per_seed} | "
-                     f"{s['val_logloss']['mean']:.4f} | {s['val_ne']['mean']:.4f} | "
-                     f"{s['val_calibration']['mean']:.3f} |")
+                     f"{s['val_logloss']['mean']:.4f} ({s['val_logloss']['spread']:.4f}) | "
+                     f"{s['val_ne']['mean']:.4f} ({s['val_ne']['spread']:.4f}) | "
+                     f"{s['val_calibration']['mean']:.3f} ({s['val_calibration']['spread']:.3f}) |")
+    lines.append("")
     for ref, d in results.get("ours_minus", {}).items():
         lines.append(f"- ours - {ref}: AUC {d['auc']:+.4f} (larger spread {d['noise']:.4f}), "
                      f"logloss {d['logloss']:+.4f}")
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, f, indent=1)
     print(f"wrote {out}")
     print(json.dumps({"mode": "quality", "out": out, "datasets": {
-        d: {m: {"auc": r["summary"]["val_auc"]["mean"], "auc_spread": r["summary"]["val_auc"]["spread"],
-                "logloss": r["summary"]["val_logloss"]["mean"]} for m, r in v["models"].items()}
+        d: {m: {f"{k[4:]}{suffix}": r["summary"][k][stat] for k in QUALITY
+                for suffix, stat in (("", "mean"), ("_spread", "spread"))} for m, r in v["models"].items()}
         for d, v in results["datasets"].items()}}))
     return 0
