@@ -111,6 +111,46 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint file asks to build something a checkpoint cannot hold (code, not data)."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message is one line naming the checkpoint,
+    the file where one is known, and what is wrong. (torch's ``CheckpointException`` derives from
+    ``BaseException`` and prints every rank's traceback, so callers' ``except Exception`` missed it.)"""
+
+
+def _first_failure(e: CheckpointException) -> str:
+    """One line from DCP's per-rank failures: the first rank's exception type and first sentence."""
+    for rank, failure in sorted(e.failures.items()):
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, BaseException):
+            cause = exc
+            while cause is not None and not isinstance(cause, OSError):  # the OS's reason says most
+                cause = cause.__cause__ or cause.__context__
+            exc = cause or exc
+            text = " ".join(str(exc).split())
+            first = re.split(r"(?<=\.) ", text, maxsplit=1)[0]
+            return f"rank {rank}: {type(exc).__name__}: {first}"
+    return " ".join(str(e).split())[:300]
+
+
+def check_storage(path: str, metadata: Metadata) -> None:
+    """Every data file the index names is there and long enough for the items it holds:
+    a deleted or truncated shard is named before DCP reads anything."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        if rel:
+            needed[rel] = max(needed.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, size in sorted(needed.items()):
+        file = os.path.join(path, rel)
+        try:
+            have = os.path.getsize(file)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {path}: data file {rel} is missing (the index names it)") from None
+        if have < size:
+            raise CheckpointError(f"checkpoint {path}: data file {rel} is truncated: {have:,} bytes, the index "
+                                  f"needs {size:,}")
+
+
 # What DCP's .metadata is made of (torch 2.13): its dataclasses and enums, the file reader's
 # storage records, tensor sizes, dtypes and layouts, and paths. Nothing here runs code when built.
 _METADATA_MODULES = {"torch.distributed.checkpoint.metadata"}
@@ -214,6 +254,7 @@ def dcp_load(payload: dict[str, Any], path: str, metadata: Metadata | None = Non
     # Read before DCP does: our error names the file, DCP would wrap it in an AssertionError.
     if metadata is None:
         metadata = read_dcp_metadata(path)
+    check_storage(path, metadata)
     try:
         dcp.load(payload, storage_reader=SafeFileSystemReader(path, metadata), planner=SafeLoadPlanner(path))
     except CheckpointException as e:  # DCP gathers each rank's exception: ours, if any, says it best
@@ -221,7 +262,7 @@ def dcp_load(payload: dict[str, Any], path: str, metadata: Metadata | None = Non
         unsafe = [f for f in failures if isinstance(f, UnsafeCheckpointError)]
         if unsafe:
             raise unsafe[0] from None
-        raise
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded: {_first_failure(e)}") from None
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -317,7 +358,12 @@ def save(
         # that all ranks share.
         _rank_key(rank): rng_state(),
     }
-    dcp.save(payload, checkpoint_id=tmp, planner=ExactStorageSavePlanner())
+    try:
+        dcp.save(payload, checkpoint_id=tmp, planner=ExactStorageSavePlanner())
+    except CheckpointException as e:  # e.g. a full disk on one rank: DCP reports it on every rank
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written step_N.tmp would only take space
+        raise CheckpointError(f"checkpoint {final}: saving failed, nothing kept: {_first_failure(e)}") from None
     if rank == 0:
         meta = {
             "step": state.step,
@@ -327,8 +373,12 @@ def save(
             "loader_states": state.loader_states,
             **extra_meta,
         }
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump(meta, f, indent=1, default=str)
+        try:
+            with open(os.path.join(tmp, META), "w") as f:
+                json.dump(meta, f, indent=1, default=str)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {final}: saving failed, nothing kept: writing {META}: {e}") from None
         if os.path.exists(final):  # the same step saved twice (e.g. at the end after every_steps)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -74,8 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepfm-export: error: {e}", file=sys.stderr)
         return 2
     tmp = args.out + ".tmp"
-    torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, args.out)
+    try:
+        torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, args.out)
+    except (OSError, RuntimeError) as e:  # a full disk or a size limit: torch says "basic_ios::clear"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        reason = e if isinstance(e, OSError) else "the write failed (a full disk or a file-size limit?)"
+        print(f"deepfm-export: error: --out {args.out}: {reason}; nothing written", file=sys.stderr)
+        return 1
     write_json_atomic(args.out + ".json", {"config": cfg.to_dict(), "step": meta["step"],
                                            "source": os.path.abspath(args.checkpoint)}, indent=1)
     print(f"deepfm-export: step {meta['step']} ({len(state)} tensors, "

@@ -143,8 +143,8 @@ def resolve_model(path: str) -> ModelSource:
             raise InputError(f"--model: {e}") from None
         if not os.path.isfile(os.path.join(found, ".metadata")):
             raise InputError(f"--model {found}: not a complete checkpoint (the DCP index .metadata is missing)")
-        try:  # read as the load will read it: a crafted index is refused here, before any output
-            ckpt.read_dcp_metadata(found)
+        try:  # read as the load will read it: a crafted index or a damaged shard is refused here, before any output
+            ckpt.check_storage(found, ckpt.read_dcp_metadata(found))
         except ValueError as e:
             raise InputError(f"--model: {e}") from None
         kind, info = "checkpoint", meta

@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from deepfm_dist.trainer import train  # heavy imports (torchrec) after the config is valid
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         return train(cfg)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         # torchrun (and torchelastic's spawn) report only the first rank that failed, which is
         # often a peer that merely lost its connection; every rank names its own cause here.
         rank = os.environ.get("RANK", "0")

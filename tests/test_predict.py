@@ -284,3 +284,24 @@ def test_checkpoint_byte_items_load_only_plain_data(tmp_path):
     with pytest.raises(ckpt.UnsafeCheckpointError, match="refused: item 'evil'"):
         ckpt.dcp_load({"t": torch.zeros(2), "evil": None}, str(tmp_path / "bad"))
     assert not marker.exists()
+
+
+def test_a_damaged_shard_is_named_before_any_output(trained, tmp_path, capsys):
+    """A truncated shard: deepfm-predict and deepfm-export answer in one line naming the file."""
+    import shutil
+
+    from deepfm_dist import checkpoint as ckpt
+
+    checkpoints, _, _, _, root = trained
+    bad = tmp_path / "bad" / "step_000000012"
+    shutil.copytree(ckpt.latest(str(checkpoints)), bad)
+    shard = sorted(bad.glob("*.distcp"))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    err = _fails(capsys, ["--model", str(bad), "--data", str(root / "ids"), "--out", str(tmp_path / "o")])
+    assert f"data file {shard.name} is truncated" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+    assert export_main([str(bad), "--out", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {bad}: data file {shard.name} is truncated" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.pt").exists()
