@@ -91,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(os.path.join(args.run_dir, "days.json"), {"days": rows})
     print(f"{'day':>4} {'eval on':>7} {'AUC':>7} {'logloss':>8} {'NE':>7} {'calibration':>11}")
     for r in rows:
-        print(f"{r['day']:>4} {r['eval_day']:>7} {r['val_auc']:>7.4f} {r['val_logloss']:>8.4f} "
-              f"{r['val_ne']:>7.4f} {r['val_calibration']:>11.3f}")
+        cells = [format(r[k], spec) if r[k] is not None else "-".rjust(int(spec.split(".")[0][1:]))  # null: undefined
+                 for k, spec in (("val_auc", ">7.4f"), ("val_logloss", ">8.4f"), ("val_ne", ">7.4f"),
+                                 ("val_calibration", ">11.3f"))]
+        print(f"{r['day']:>4} {r['eval_day']:>7} " + " ".join(cells))
     print(f"deepfm-days: {os.path.join(args.run_dir, 'days.json')}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 
 import pyarrow as pa
 import torch
@@ -73,6 +74,9 @@ class Evaluator:
         self.metrics.write(**record)
         self.metrics.log(f"eval step {step} (epoch {epoch}): val AUC {m['auc']:.4f} logloss {m['logloss']:.4f} "
                          f"NE {m['ne']:.4f} calibration {m['calibration']:.3f} ({m['rows']:,} rows)")
+        if m["rows"] and math.isnan(m["auc"]):
+            self.metrics.log("val AUC undefined: every validation row has the same label (AUC compares clicks with "
+                             "non-clicks); written as null in metrics.jsonl and summary.json")
         self.results.append(record)
         return record
 

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (an AUC of a one-class set is NaN) as None: JSON has no
+    NaN, and strict readers (jq, JavaScript, most other languages) refuse Python's ``NaN``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def write_json_atomic(path: str, obj: Any, indent: int = 2, tmp: str | None = None) -> None:
@@ -17,7 +30,7 @@ def write_json_atomic(path: str, obj: Any, indent: int = 2, tmp: str | None = No
     tmp = tmp or os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent, default=str)
+            json.dump(strict_json(obj), f, indent=indent, default=str, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

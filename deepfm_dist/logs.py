@@ -10,6 +10,7 @@ import time
 import warnings
 
 from deepfm_dist.distributed.env import DistEnv
+from deepfm_dist.fsutil import strict_json
 
 
 def quiet_library_noise() -> None:
@@ -86,7 +87,7 @@ class MetricsLogger:
     def write(self, **record) -> None:
         if self.path:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         if self.tb is not None:
             prefix = "val" if "val_auc" in record else "train"
             for key in ("loss", "lr", "samples_per_s", "val_auc", "val_logloss", "val_ne", "val_calibration"):

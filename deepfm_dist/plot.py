@@ -30,6 +30,8 @@ def read_run(run_dir: str) -> tuple[list[dict], list[dict]]:
                 continue
             try:
                 record = json.loads(line)
+                # an undefined metric is null in the file (a one-class set's AUC); a gap in the plot
+                record = {k: float("nan") if v is None else v for k, v in record.items()}
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
             (evals if "val_auc" in record else train)[record["step"]] = record

@@ -303,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"deepfm-sweep: {t.name} [{label}] seed {seed}: FAILED (exit {proc.returncode}); see {log}",
                       flush=True)
             else:
-                print(f"deepfm-sweep: {t.name} [{label}] seed {seed}: AUC {s['val_auc']:.4f} "
-                      f"logloss {s['val_logloss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                auc, loss = (f"{s[k]:.4f}" if isinstance(s.get(k), float) else "undefined"
+                             for k in ("val_auc", "val_logloss"))
+                print(f"deepfm-sweep: {t.name} [{label}] seed {seed}: AUC {auc} logloss {loss} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
         if active:
             time.sleep(0.2)
     if args.dry_run:

@@ -337,3 +337,29 @@ def test_checkpoint_save_writes_views_without_copying_them(tmp_path, monkeypatch
     size = lambda d: sum(f.stat().st_size for f in (tmp_path / d).iterdir())  # noqa: E731
     # The views' bytes only, not their whole storage (16 kB a table view): the same size up to metadata.
     assert abs(size("exact") - size("default")) < 256
+
+
+def test_one_class_validation_set_says_auc_is_undefined_in_strict_json(tiny_data, tmp_path, capfd):
+    """Every validation label 0: AUC (and NE, calibration) are undefined. The run says so, and
+    summary.json / metrics.jsonl stay strict JSON (null, not Python's NaN)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data, _ = tiny_data
+    val = tmp_path / "val"
+    val.mkdir()
+    for f in sorted((data / "val").glob("*.parquet")):
+        t = pq.read_table(f)
+        zeros = pa.array([0] * t.num_rows, type=t.schema.field("label").type)
+        pq.write_table(t.set_column(t.schema.get_field_index("label"), "label", zeros), val / f.name)
+    args = small_args(data, tmp_path / "run", "--train.epochs=1", "--train.max_steps=4", f"--data.val={val}")
+    launch(main, (args,), nproc=2)
+    assert "val AUC undefined: every validation row has the same label" in capfd.readouterr().out
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+    summary = strict((tmp_path / "run" / "summary.json").read_text())
+    assert summary["val_auc"] is None and summary["val_ne"] is None and summary["val_logloss"] > 0
+    records = [strict(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_auc" in r and r["val_auc"] is None for r in records)
