@@ -71,15 +71,43 @@ BEST = "best.json"
 """In a checkpoint folder: which checkpoint is best by ``checkpoint.best_metric`` (Checkpointer)."""
 
 
+def _check_keys(path: str, obj: Any, keys: dict[str, tuple[type, ...]]) -> dict:
+    """``obj`` (a file's JSON) as a dict holding ``keys`` of their types; else CheckpointError
+    naming the file and the key. Written by us and read back: a wrong one was edited or damaged."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    for key, types in keys.items():
+        if key not in obj:
+            raise CheckpointError(f"{path}: key {key!r} is missing")
+        value = obj[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(f"{path}: key {key!r}: expected {names}, found {value!r}")
+    return obj
+
+
+_BEST_KEYS = {"checkpoint": (str,), "step": (int, type(None)), "metric": (str,), "value": (int, float, type(None)),
+              "evals_since": (int,)}
+_META_KEYS = {"step": (int,), "epoch": (int,), "step_in_epoch": (int,), "world_size": (int,),
+              "loader_states": (list,), "config": (dict,)}
+
+
 def read_best(root: str) -> dict | None:
-    """``root``'s best.json, if it names a complete checkpoint there."""
+    """``root``'s best.json, if it names a complete checkpoint there (None without one). A
+    damaged or edited file is refused naming the key, and it can only name a folder in ``root``."""
+    file = os.path.join(root, BEST)
     try:
-        with open(os.path.join(root, BEST)) as f:
+        with open(file) as f:
             best = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
         return None
-    path = os.path.join(root, best.get("checkpoint", ""))
-    return best if best.get("checkpoint") and os.path.isfile(os.path.join(path, META)) else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    _check_keys(file, best, _BEST_KEYS)
+    name = best["checkpoint"]
+    if name and (os.path.basename(name) != name or name in (".", "..")):
+        raise CheckpointError(f"{file}: key 'checkpoint': {name!r} is not the name of a checkpoint folder in {root}")
+    return best if name and os.path.isfile(os.path.join(root, name, META)) else None
 
 
 def resolve(path: str) -> str:
@@ -97,14 +125,20 @@ def resolve(path: str) -> str:
 
 
 def read_meta(path: str) -> dict[str, Any]:
+    """The checkpoint's meta.json, its keys checked (CheckpointError naming the key)."""
     meta_path = os.path.join(path, META)
     try:
         with open(meta_path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is not a complete checkpoint: {META} is missing") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+    _check_keys(meta_path, meta, _META_KEYS)
+    if meta["world_size"] < 1 or len(meta["loader_states"]) != meta["world_size"]:
+        raise CheckpointError(f"{meta_path}: key 'loader_states': expected one entry per rank of world_size "
+                              f"{meta['world_size']}, found {len(meta['loader_states'])}")
+    return meta
 
 
 class UnsafeCheckpointError(ValueError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,3 +116,50 @@ def test_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tiny_data,
     assert done.returncode == 1 and len(err) == 1 and err[0].startswith(f"deepfm-export: error: --out {out}: ")
     assert err[0].endswith("; nothing written"), err
     assert not out.exists() and not (tmp_path / "model.pt.tmp").exists() and not (tmp_path / "model.pt.json").exists()
+
+
+def _folder(tmp_path, best=None, meta=None):
+    """A checkpoint folder with one checkpoint (its meta.json) and optionally a best.json."""
+    from deepfm_dist import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    one = root / "step_000000004"
+    one.mkdir(parents=True)
+    good = {"step": 4, "epoch": 0, "step_in_epoch": 4, "world_size": 2, "loader_states": [{}, {}], "config": {}}
+    (one / ckpt.META).write_text(__import__("json").dumps({**good, **(meta or {})}))
+    if best is not None:
+        (root / ckpt.BEST).write_text(best if isinstance(best, str) else __import__("json").dumps(best))
+    return root, one
+
+
+GOOD_BEST = {"checkpoint": "step_000000004", "step": 4, "metric": "auc", "value": 0.7, "evals_since": 0}
+
+
+@pytest.mark.parametrize("best, message", [
+    ({**GOOD_BEST, "checkpoint": 5}, "key 'checkpoint': expected str, found 5"),
+    ({k: v for k, v in GOOD_BEST.items() if k != "evals_since"}, "key 'evals_since' is missing"),
+    ({**GOOD_BEST, "value": "high"}, "key 'value': expected int or float or null, found 'high'"),
+    ({**GOOD_BEST, "checkpoint": "../elsewhere"}, "key 'checkpoint': '../elsewhere' is not the name of a checkpoint"),
+    ([1, 2], "expected a JSON object, found list"),
+    ("{not json", "not valid JSON"),
+])
+def test_a_damaged_best_json_is_named_with_its_key(tmp_path, best, message):
+    from deepfm_dist import checkpoint as ckpt
+
+    root, _ = _folder(tmp_path, best=best)
+    with pytest.raises(CheckpointError, match=re.escape(message)) as e:
+        ckpt.resolve(str(root))
+    assert str(e.value).startswith(str(root / ckpt.BEST))
+
+
+def test_best_json_names_the_best_and_a_damaged_meta_json_is_named_with_its_key(tmp_path):
+    from deepfm_dist import checkpoint as ckpt
+
+    root, one = _folder(tmp_path, best=GOOD_BEST)
+    assert ckpt.resolve(str(root)) == str(one) and ckpt.read_meta(str(one))["step"] == 4
+    for meta, message in (({"world_size": "2"}, "key 'world_size': expected int, found '2'"),
+                          ({"loader_states": [{}]}, "key 'loader_states': expected one entry per rank of world_size 2"),
+                          ({"step": True}, "key 'step': expected int, found True")):
+        root, one = _folder(tmp_path / message[:8].replace("'", ""), meta=meta)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            ckpt.read_meta(str(one))

@@ -31,8 +31,8 @@ class _Opt:
 def test_load_requests_only_the_rng_states_the_checkpoint_holds(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     torch.manual_seed(5)
-    path = ckpt.save(str(tmp_path), model=model, optimizer=_Opt(), state=ckpt.TrainState(3, 0, 3, []),
-                     extra_meta={}, keep=2)
+    path = ckpt.save(str(tmp_path), model=model, optimizer=_Opt(), state=ckpt.TrainState(3, 0, 3, [None]),
+                     extra_meta={"config": {}}, keep=2)
     expected = torch.rand(4)  # what the restored CPU stream draws next
     # A process on a GPU also has a CUDA RNG state, which a CPU-written checkpoint lacks.
     monkeypatch.setattr(ckpt, "rng_state", lambda: {"cpu": torch.get_rng_state(),
