@@ -571,24 +571,24 @@ def test_error_label_outside_0_1(tmp_path):
     assert "first in row 3: 2" in str(e.value)  # row 13 of the file is row 3 of row group 1
 
 
-def test_error_empty_file_and_zero_row_row_group(tmp_path):
+def test_empty_file_and_zero_row_row_group_are_skipped_and_counted(tmp_path):
+    """Valid Parquet without rows (Spark writes a file per empty partition): skipped and counted,
+    with or without data.skip_bad_row_groups; every real row is read once."""
     good = _good(tmp_path)
     empty = _write(tmp_path / "empty.parquet", {k: v[:0] for k, v in _columns(np.arange(1)).items()})
-    with pytest.raises(ValueError, match="empty.parquet: empty file"):
-        _loader([good, empty])
     table = pa.table(_columns(np.arange(10)))
     zero = tmp_path / "zero.parquet"
     with pq.ParquetWriter(zero, table.schema) as w:
         w.write_table(table)
         w.write_table(table.slice(0, 0))
         w.write_table(table)
-    with pytest.raises(ValueError, match="zero.parquet: row group 1: zero-row row group"):
-        _loader([str(zero)])
-    # Asked for: skipped, counted and reported; the rows are all there.
-    loader = _loader([good, empty, str(zero)], _cfg(skip_bad_row_groups=True), batch_size=5)
-    assert loader.num_rows == 30
-    assert [(s["file"], s["row_group"]) for s in loader.skipped] == [(empty, None), (str(zero), 1)]
-    assert sum(_row_ids(b).size for b in loader) == 30
+    for cfg in (_cfg(), _cfg(skip_bad_row_groups=True)):
+        loader = _loader([good, empty, str(zero)], cfg, batch_size=5)
+        assert loader.num_rows == 30
+        assert [(s["file"], s["row_group"], s["rows"]) for s in loader.skipped] == [(empty, None, 0), (str(zero), 1, 0)]
+        assert sum(_row_ids(b).size for b in loader) == 30
+    with pytest.raises(ValueError, match="the files hold 0 readable rows"):
+        _loader([empty])
 
 
 def test_error_truncated_file_and_no_match(tmp_path):

@@ -203,8 +203,9 @@ def _scan(paths: list[str], cfg: DataConfig, labels: bool | None = True,
 
     Raises:
         ValueError: a footer that cannot be read, a missing column, a wrong type, a file
-            whose types differ from the first one, an empty file or row group, label
-            statistics outside {0, 1}: naming the file (and row group / column).
+            whose types differ from the first one, label statistics outside {0, 1}: naming the
+            file (and row group / column). Empty files and zero-row row groups (valid Parquet,
+            as Spark writes for empty partitions) are skipped and counted, never an error.
     """
     skip = cfg.skip_bad_row_groups
     # Footers are small reads; on an object store their latency dominates, so fetch in parallel.
@@ -232,15 +233,15 @@ def _scan(paths: list[str], cfg: DataConfig, labels: bool | None = True,
             first = (path, types)
         else:
             check_same_schema(path, types, *first)
-        if meta.num_rows == 0:
-            bad(path, None, 0, f"empty file ({meta.num_row_groups} row groups, 0 rows), expected rows")
+        if meta.num_rows == 0:  # a valid file without rows (Spark writes them for empty partitions)
+            skipped.append({"file": path, "row_group": None, "rows": 0, "reason": "empty file (0 rows)"})
             continue
         columns = [meta.schema.column(i).path for i in range(meta.num_columns)]
         label_idx = columns.index(cfg.label) if with_labels and cfg.label in columns else None
         for rg in range(meta.num_row_groups):
             rows = meta.row_group(rg).num_rows
-            if rows == 0:
-                bad(path, rg, 0, "zero-row row group, expected rows")
+            if rows == 0:  # nothing to read, nothing wrong
+                skipped.append({"file": path, "row_group": rg, "rows": 0, "reason": "zero-row row group"})
                 continue
             problem = _label_stats_problem(meta, rg, label_idx)
             if problem is not None:
