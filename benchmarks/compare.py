@@ -72,6 +72,19 @@ def _logged_result(log: str, cmd: list[str], stdout: str, stderr: str) -> dict[s
     return _last_json(stdout)
 
 
+def training_run(bench: str, cmd: list[str], run_dir: str, env: dict[str, str], cwd: str | None = None) -> dict:
+    """One whole training run (its command and output in ``run_dir``/bench.log): its summary.json.
+    A failed run stops the benchmark, naming the run and the output's last lines."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+    os.makedirs(run_dir, exist_ok=True)
+    _logged_result(os.path.join(run_dir, "bench.log"), cmd, proc.stdout, proc.stderr)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+        raise SystemExit(f"bench {bench}: {run_dir} failed (exit {proc.returncode}):\n{tail}")
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
 def run_once(name: str, cmd: list[str], env: dict[str, str], log_dir: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     for attempt in range(2):  # one more try if the run failed to start (e.g. a port taken meanwhile)

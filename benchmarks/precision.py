@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -171,14 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"--train.seed={seed}", f"--train.precision={precision}", f"--run_dir={run_dir}",
                     *extra, *overrides])
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                os.makedirs(run_dir, exist_ok=True)
-                compare._logged_result(os.path.join(run_dir, "bench.log"), cmd, proc.stdout, proc.stderr)
-                if proc.returncode != 0:
-                    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
-                    raise SystemExit(f"bench precision: {run_dir} failed (exit {proc.returncode}):\n{tail}")
-                with open(os.path.join(run_dir, "summary.json")) as f:
-                    s = json.load(f)
+                s = compare.training_run("precision", cmd, run_dir, env)
                 run = {"precision": precision, "seed": seed, "run_dir": run_dir,
                        "seconds": time.perf_counter() - t0, "command": " ".join(cmd),
                        **{k: s[k] for k in QUALITY + ("train_samples_per_s", "steps")}}

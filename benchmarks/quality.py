@@ -88,14 +88,7 @@ def run_ours(train: str, val: str, seed: int, per_rank: int, epochs: int, nproc:
            "--checkpoint.at_end=false", "--checkpoint.best_metric=none", *overrides]
     env = {**os.environ, "NPROC": str(nproc)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    os.makedirs(run_dir, exist_ok=True)
-    compare._logged_result(os.path.join(run_dir, "bench.log"), cmd, proc.stdout, proc.stderr)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-        raise SystemExit(f"bench quality: {run_dir} failed (exit {proc.returncode}):\n{tail}")
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        s = json.load(f)
+    s = compare.training_run("quality", cmd, run_dir, env, cwd=ROOT)
     return {**{k: s[k] for k in QUALITY}, "seconds": time.perf_counter() - t0, "run_dir": run_dir}
 
 

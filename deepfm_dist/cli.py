@@ -97,6 +97,16 @@ def parse(prog: str, options: type[T], argv: list[str] | None, description: str,
         parser.error(str(e))
 
 
+def split_run_args(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the command's own arguments, those after ``--`` that go to every training run it starts);
+    ``argv`` None: the process's."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 
+from deepfm_dist.cli import split_run_args
 from deepfm_dist.fsutil import finished_run_summary, write_json_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,11 +43,7 @@ def parse_days(spec: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+    argv, extra = split_run_args(argv)
     p = argparse.ArgumentParser(prog="deepfm-days", description=__doc__.split("\n\n")[0])
     p.add_argument("--days", required=True, help="day numbers, A-B or A,B,C (two at least)")
     p.add_argument("--day-glob", required=True, metavar="TEMPLATE",
@@ -91,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(os.path.join(args.run_dir, "days.json"), {"days": rows})
     print(f"{'day':>4} {'eval on':>7} {'AUC':>7} {'logloss':>8} {'NE':>7} {'calibration':>11}")
     for r in rows:
-        cells = [format(r[k], spec) if r[k] is not None else "-".rjust(int(spec.split(".")[0][1:]))  # null: undefined
-                 for k, spec in (("val_auc", ">7.4f"), ("val_logloss", ">8.4f"), ("val_ne", ">7.4f"),
-                                 ("val_calibration", ">11.3f"))]
-        print(f"{r['day']:>4} {r['eval_day']:>7} " + " ".join(cells))
+        v = {k: math.nan if r[k] is None else r[k] for k in ("val_auc", "val_logloss", "val_ne", "val_calibration")}
+        print(f"{r['day']:>4} {r['eval_day']:>7} {v['val_auc']:>7.4f} {v['val_logloss']:>8.4f} "
+              f"{v['val_ne']:>7.4f} {v['val_calibration']:>11.3f}")  # null (undefined) prints as nan
     print(f"deepfm-days: {os.path.join(args.run_dir, 'days.json')}")
     return 0
 

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from deepfm_dist.cli import Parser
+from deepfm_dist.cli import Parser, split_run_args
 from deepfm_dist.config import ConfigError, load_config, to_toml
 from deepfm_dist.fsutil import finished_run_summary, write_json_atomic
 
@@ -71,6 +71,13 @@ class Trial:
 
     def overrides(self) -> list[str]:
         return [f"--{k}={v}" for k, v in self.params.items()]
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.params.items())
+
+    def run_dir(self, out: str, seed: int) -> str:
+        return os.path.join(out, "trials", self.name, f"seed_{seed}")
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
@@ -152,7 +159,7 @@ def summarize(trials: list[Trial], seeds: list[int], out: str, metric: str) -> l
     for t in trials:
         runs = {}
         for seed in seeds:
-            s = finished_run_summary(os.path.join(out, "trials", t.name, f"seed_{seed}"))
+            s = finished_run_summary(t.run_dir(out, seed))
             if s is not None:
                 runs[seed] = {k: s.get(k) for k in (*QUALITY, "steps", "train_samples_per_s")}
         row: dict[str, Any] = {"trial": t.name, "params": t.params, "runs": runs, "complete": len(runs) == len(seeds)}
@@ -220,11 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1:]
+    argv, extra = split_run_args(argv)
     p = build_parser()
     args = p.parse_args(argv)
     try:
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(seeds)) != len(seeds):
             raise SweepError(f"--seeds {args.seeds!r}: each seed once")
         for key in [*grid, *rand]:
-            if key in RESERVED or key.split(".")[0] in ("resume", "run_dir", "init_from"):
+            if key in RESERVED:
                 raise SweepError(f"{key}: set by deepfm-sweep in every run (--seeds for train.seed)")
         for a in extra:
             if a.partition("=")[0].lstrip("-") in RESERVED:
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     swept = [*grid, *rand]
     runs = [(t, s) for t in trials for s in seeds]
     todo = [(t, s) for t, s in runs
-            if finished_run_summary(os.path.join(out, "trials", t.name, f"seed_{s}")) is None]
+            if finished_run_summary(t.run_dir(out, s)) is None]
     print(f"deepfm-sweep: {len(trials)} trials x {len(seeds)} seeds = {len(runs)} runs; "
           f"{len(runs) - len(todo)} finished before, {len(todo)} to run ({args.launcher}, {parallel} at once)",
           flush=True)
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     while pending or active:
         while pending and len(active) < parallel:
             t, seed = pending.pop(0)
-            run_dir = os.path.join(out, "trials", t.name, f"seed_{seed}")
+            run_dir = t.run_dir(out, seed)
             cmd = [args.train_script, *extra, *t.overrides(), f"--train.seed={seed}", f"--run_dir={run_dir}",
                    "--resume"]
             if args.dry_run:
@@ -296,16 +299,15 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is None:
                 continue
             active.remove(entry)
-            label = " ".join(f"{k}={v}" for k, v in t.params.items())
-            s = finished_run_summary(os.path.join(out, "trials", t.name, f"seed_{seed}"))
+            s = finished_run_summary(t.run_dir(out, seed))
             if proc.returncode != 0 or s is None:
                 failed.append(f"{t.name} seed {seed} (exit {proc.returncode}; {log})")
-                print(f"deepfm-sweep: {t.name} [{label}] seed {seed}: FAILED (exit {proc.returncode}); see {log}",
+                print(f"deepfm-sweep: {t.name} [{t.label}] seed {seed}: FAILED (exit {proc.returncode}); see {log}",
                       flush=True)
             else:
                 auc, loss = (f"{s[k]:.4f}" if isinstance(s.get(k), float) else "undefined"
                              for k in ("val_auc", "val_logloss"))
-                print(f"deepfm-sweep: {t.name} [{label}] seed {seed}: AUC {auc} logloss {loss} "
+                print(f"deepfm-sweep: {t.name} [{t.label}] seed {seed}: AUC {auc} logloss {loss} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
         if active:
             time.sleep(0.2)
@@ -321,14 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         f.write(f"# deepfm-sweep {' '.join(argv)}{' -- ' + ' '.join(extra) if extra else ''}\n\n{table}\n")
     print(table)
     if best is not None:
-        cfg = configs[best["trial"]]
+        label = Trial(best["params"]).label
         text = (f"# deepfm-sweep's best trial {best['trial']} of {out} by mean val {args.metric} over seeds "
-                f"{','.join(map(str, best['runs']))}:\n# " + " ".join(f"{k}={v}" for k, v in best["params"].items())
-                + "\n" + to_toml(cfg))
+                f"{','.join(map(str, best['runs']))}:\n# {label}\n" + to_toml(configs[best["trial"]]))
         with open(os.path.join(out, "best.toml"), "w") as f:
             f.write(text)
-        print(f"deepfm-sweep: best {best['trial']} " + " ".join(f"{k}={v}" for k, v in best["params"].items())
-              + f"; {os.path.join(out, 'best.toml')}")
+        print(f"deepfm-sweep: best {best['trial']} {label}; {os.path.join(out, 'best.toml')}")
     if failed:
         print(f"deepfm-sweep: {len(failed)} run(s) failed: {'; '.join(failed)}. Rerun the same command to retry "
               f"them (finished runs are kept).", file=sys.stderr)
